@@ -1,0 +1,226 @@
+"""Small shared helpers: atomic file writes, RNG seeding/state, distributed info, device selection."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_torch_save",
+    "seed_everything",
+    "get_rng_state",
+    "set_rng_state",
+    "is_main_process",
+    "world_size",
+    "rank",
+    "resolve_device",
+]
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def _wrap_os_error(exc: OSError, path: Path, what: str) -> OSError:
+    """Same OSError subclass and errno as ``exc``, with a message naming ``path``."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    msg = f"could not write {what} to {path}: {reason}; the previous file is unchanged"
+    try:
+        new = type(exc)(exc.errno, msg) if exc.errno is not None else type(exc)(msg)
+    except Exception:  # exotic subclass constructors
+        new = OSError(exc.errno, msg) if exc.errno is not None else OSError(msg)
+    new.filename = str(path)
+    return new
+
+
+def _atomic_write(path: str | os.PathLike[str], writer: Callable[[IO[bytes]], None], what: str) -> None:
+    """Write via ``writer(fileobj)`` to a temp file next to ``path``, fsync, then ``os.replace``.
+
+    On any error the temp file is removed and the previous content of ``path`` (if any) is kept.
+    ``OSError`` is re-raised with a message that names ``path``; other exceptions propagate as is.
+    """
+    path = Path(path)
+    tmp: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            writer(f)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            mode = path.stat().st_mode & 0o7777 if path.exists() else 0o644
+            os.chmod(tmp, mode)  # mkstemp creates 0600 files
+        except OSError:
+            pass
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        raise _wrap_os_error(exc, path, what) from exc
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Best-effort fsync of a directory so that the rename itself is durable (POSIX only)."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Atomically replace ``path`` with ``data`` (parent directories are created)."""
+    _atomic_write(path, lambda f: f.write(data), "file")
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> None:
+    """Atomically replace ``path`` with ``text`` encoded as ``encoding``."""
+    data = text.encode(encoding)
+    _atomic_write(path, lambda f: f.write(data), "file")
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save(obj, path)`` done atomically: a crash or error never leaves a truncated file.
+
+    Raises:
+        OSError: (same subclass/errno as the cause) "could not write checkpoint to PATH: REASON;
+            the previous file is unchanged" on permission, disk-full or similar errors.
+    """
+    _atomic_write(path, lambda f: torch.save(obj, f), "checkpoint")
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python ``random``, NumPy's global RNG and torch (CPU and all CUDA devices).
+
+    With ``deterministic=True`` also request deterministic torch/cuDNN kernels (slower; some
+    ops then raise if they have no deterministic implementation).
+    """
+    seed = int(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def get_rng_state() -> dict[str, Any]:
+    """Snapshot of the Python, NumPy, torch CPU (and CUDA, when available) global RNG states.
+
+    Only plain containers, numbers, strings and tensors are used, so the dict can be stored in a
+    checkpoint and read back with ``torch.load(..., weights_only=True)``.
+    """
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore a snapshot made by :func:`get_rng_state` (missing entries are left untouched)."""
+    if "python" in state:
+        py = state["python"]
+        version, internal, gauss = py
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        npst = state["numpy"]
+        keys = npst["keys"]
+        keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+        np.random.set_state(
+            (
+                npst["kind"],
+                keys.astype(np.uint32),
+                int(npst["pos"]),
+                int(npst["has_gauss"]),
+                float(npst["cached_gaussian"]),
+            )
+        )
+    if "torch" in state:
+        torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8).cpu())
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        cuda_states = list(state["cuda"])
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([torch.as_tensor(s, dtype=torch.uint8).cpu() for s in cuda_states])
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def _dist_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def world_size() -> int:
+    """Number of processes in the default ``torch.distributed`` group (1 when not initialised)."""
+    return torch.distributed.get_world_size() if _dist_ready() else 1
+
+
+def rank() -> int:
+    """Global rank of this process (0 when ``torch.distributed`` is not initialised)."""
+    return torch.distributed.get_rank() if _dist_ready() else 0
+
+
+def is_main_process() -> bool:
+    """True on global rank 0 (always true without ``torch.distributed``)."""
+    return rank() == 0
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """Turn ``"auto"``/``None``/a name/a ``torch.device`` into a usable ``torch.device``.
+
+    ``"auto"`` and ``None`` select ``cuda`` when available, else ``cpu``.
+
+    Raises:
+        ValueError: for an unknown device string, or a CUDA device that is not available.
+    """
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device.strip() if isinstance(device, str) else device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(dev)!r} requested but CUDA is not available; use 'cpu' or 'auto'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(dev)!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return dev
