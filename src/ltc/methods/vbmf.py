@@ -1,0 +1,65 @@
+"""`vbmf`: Tucker-2 ranks from EVBMF of the two channel unfoldings (Kim et al., ICLR 2016).
+
+Options: ``weaken`` in [0, 1] moves every rank toward full (``r + round(weaken·(full − r))``, halves up). With a
+``target_sr`` and no ``weaken``, the largest weakening that still meets the target is used (if EVBMF's own
+ranks already fall short of the target, they are kept and a warning is logged).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from ..engine import LCEngine
+from ..vbmf import evbmf, vbmf_tucker2_ranks
+from .base import Example, Model, assignment_engine, meet_target, register_method, split_kwargs
+
+log = logging.getLogger("ltc")
+
+
+def _weakened(r: int, full: int, weaken: float) -> int:
+    # halves round up, as in vbmf_tucker2_ranks (Python's round() would round them to even)
+    return min(full, max(1, r + math.floor(weaken * (full - r) + 0.5)))
+
+
+@register_method("vbmf", learns=False, summary="EVBMF ranks of both unfoldings, one-shot (Kim et al. 2016)")
+def build(model: Model, example_input: Example, *, weaken: float | None = None, **kwargs: Any) -> LCEngine:
+    eng, opts = split_kwargs(kwargs)
+    if opts:
+        raise TypeError(f"method 'vbmf' takes only the option 'weaken', not {sorted(opts)}")
+    if weaken is not None and not 0.0 <= weaken <= 1.0:
+        raise ValueError(f"weaken must lie in [0, 1], got {weaken}")
+    engine, target = assignment_engine(model, example_input, eng)
+    own: dict[str, Any] = {}
+    full: dict[str, Any] = {}
+    for name, s in engine.layers.items():
+        w = s.weight.detach()
+        if s.scheme.name == "tucker2":
+            own[name] = vbmf_tucker2_ranks(w)
+            full[name] = (w.shape[1], w.shape[0])
+        else:
+            mat = w.reshape(w.shape[0], -1)
+            own[name] = max(1, evbmf(mat).rank)
+            full[name] = min(mat.shape)
+
+    def ranks_at(x: float) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for n, r in own.items():
+            if isinstance(r, tuple):
+                out[n] = (_weakened(r[0], full[n][0], x), _weakened(r[1], full[n][1], x))
+            else:
+                out[n] = _weakened(r, full[n], x)
+        return out
+
+    if weaken is not None or target is None:
+        engine.assign(ranks_at(weaken or 0.0))
+        return engine
+    engine.assign(own)
+    ratio = engine.sr if engine.cost_kind == "macs" else engine.cr
+    if ratio < target:
+        log.warning("ltc: EVBMF's own ranks give %.3g, short of the target %.3g; keeping them", ratio, target)
+        return engine
+    x = meet_target(engine, target, ranks_at)
+    log.info("ltc: vbmf weakened by %.3f to meet the target %.3g", x, target)
+    return engine
