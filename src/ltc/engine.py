@@ -17,13 +17,14 @@ and finds λ each C step. Which layers use which scheme (Tucker-2, matrix, SVD) 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import heapq
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,7 @@ log = logging.getLogger("ltc")
 
 ENGINE_STATE_VERSION = 1
 Rank = int | tuple[int, int] | None
+LayerMap = Callable[[Callable[[str], Any], list[str]], list[Any]]
 
 
 @dataclass
@@ -115,8 +117,10 @@ def select_layers(
 
 
 def _is_distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and (
-        torch.distributed.get_world_size() > 1
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and (torch.distributed.get_world_size() > 1)
     )
 
 
@@ -280,85 +284,118 @@ class LCEngine:
 
     # ----------------------------------------------------------------------------------------- C step
     def step(self) -> None:
-        """One C step at the current μ, then ``φ ← φ − μ(W − Θ)`` and ``μ ← mu_growth · μ``."""
-        self._c_step()
-        with torch.no_grad():
-            for s in self.layers.values():
-                w = s.weight.detach()
-                s.phi = s.phi - self.mu * (w - s.theta)
-        self.mu *= self.mu_growth
+        """One C step at the current μ, then ``φ ← φ − μ(W − Θ)`` and ``μ ← mu_growth · μ``.
+
+        The C step that follows the ``j``-th L step is recorded in ``history`` as step ``j`` (1-based; the
+        construction's C step is step 0)."""
         self.steps_done += 1
+        with self._layer_map() as lmap:
+            self._c_step(lmap)
+            with torch.no_grad():
+                for s in self.layers.values():
+                    w = s.weight.detach()
+                    s.phi = s.phi - self.mu * (w - s.theta)
+        self.mu *= self.mu_growth
 
     def _shifted(self, s: LayerState) -> Tensor:
         w = s.weight.detach()
         return w - s.phi / self.mu
 
-    def _c_step(self) -> dict[str, Candidates]:
+    @contextlib.contextmanager
+    def _layer_map(self) -> Iterator[LayerMap]:
+        """A ``map(fn, layer_names)`` for the per-layer work of a C step. On a CPU with several intra-op
+        threads, the layers go to a pool of that many worker threads with one intra-op thread each (the
+        main thread too, while the pool lives): the per-layer decompositions are small and independent, so
+        this scales far better than threading each eigh, and it keeps OpenMP barriers out of the way when
+        the machine is oversubscribed. The caller's thread count is restored afterwards."""
+        n_threads = torch.get_num_threads()
+        on_cpu = all(s.weight.device.type == "cpu" for s in self.layers.values())
+        if n_threads <= 1 or len(self.layers) < 2 or not on_cpu:
+            yield lambda fn, names: [fn(n) for n in names]
+            return
+        torch.set_num_threads(1)
+        try:
+            # torch.set_num_threads is partly thread-local (OpenMP, MKL): set it inside each worker as well
+            with ThreadPoolExecutor(
+                max_workers=min(n_threads, len(self.layers)),
+                thread_name_prefix="ltc-cstep",
+                initializer=torch.set_num_threads,
+                initargs=(1,),
+            ) as pool:
+                yield lambda fn, names: list(pool.map(fn, names))
+        finally:
+            torch.set_num_threads(n_threads)
+
+    def _c_step(self, lmap: LayerMap | None = None) -> dict[str, Candidates]:
+        if lmap is None:
+            with self._layer_map() as own:
+                return self._c_step(own)
         t0 = time.perf_counter()
         shifted = {name: self._shifted(s) for name, s in self.layers.items()}
-        cands = self._all_candidates(shifted)
-        if self.target is None:
-            choice = {n: self._argmin(c, self.lam) for n, c in cands.items()}
-        else:
-            choice, self.lam = self._budget(cands)
-        # The first C step has no previous ranks: it always counts as a change (so ``converged`` is False).
-        old = self.ranks if self.history else None
-        for name, s in self.layers.items():
-            c, idx = cands[name], choice[name]
-            if idx is None:
-                s.rank, s.theta, s.factors, s.err = None, shifted[name].clone(), None, 0.0
-            else:
-                s.rank = c.rank_of(idx)
-                s.theta, s.factors = s.scheme.project(shifted[name], s.rank, c.analysis, self.n_iter)
-                s.err = float(c.err[idx])
-        if _is_distributed():
-            self._broadcast()
-        self._ranks_changed = old != self.ranks
-        params, macs = self._totals()
-        self.history.append(
-            {
-                "step": self.steps_done,
-                "mu": self.mu,
-                "lam": self.lam,
-                "ranks": {n: (list(r) if isinstance(r, tuple) else r) for n, r in self.ranks.items()},
-                "err": {n: s.err for n, s in self.layers.items()},
-                "distance": self.distance(),
-                "macs": macs,
-                "params": params,
-                "sr": self.base_macs / max(macs, 1),
-                "cr": self.base_params / max(params, 1),
-                "seconds": time.perf_counter() - t0,
-            }
-        )
-        log.info(
-            "ltc: C step %d  mu=%.3g  lam=%.3g  SR=%.2f  CR=%.2f  |W-Theta|/|W|=%.3g  (%.2fs)",
-            self.steps_done, self.mu, self.lam, self.history[-1]["sr"], self.history[-1]["cr"],
-            self.history[-1]["distance"], self.history[-1]["seconds"],
-        )
-        return cands
+        # largest decompositions first, for balance: work ~ numel * max(T, S) (Grams, rotation, eigh)
+        order = sorted(shifted, key=lambda n: -shifted[n].numel() * max(shifted[n].shape[:2]))
 
-    def _all_candidates(self, shifted: dict[str, Tensor]) -> dict[str, Candidates]:
-        """Every layer's candidate table. On a CPU with several threads, the layers are spread over a pool
-        of that many worker threads with one intra-op thread each (their decompositions are small and
-        independent, so this scales far better than threading each eigh); the thread count is restored."""
-
-        def work(name: str) -> tuple[str, Candidates]:
+        def analyse(name: str) -> tuple[str, Candidates]:
             s = self.layers[name]
             return name, s.scheme.candidates(shifted[name], s.geometry, self.min_rank)
 
-        n_threads = torch.get_num_threads()
-        on_cpu = all(z.device.type == "cpu" for z in shifted.values())
-        if n_threads <= 1 or len(shifted) < 2 or not on_cpu:
-            return dict(map(work, shifted))
-        # largest decompositions first, for balance: cost ~ numel * max(T, S) (Gram, rotation, eigh)
-        order = sorted(shifted, key=lambda n: -shifted[n].numel() * max(shifted[n].shape[:2]))
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(max_workers=min(n_threads, len(order)), thread_name_prefix="ltc-cstep") as pool:
-                done = dict(pool.map(work, order))
-        finally:
-            torch.set_num_threads(n_threads)
-        return {n: done[n] for n in shifted}
+        cands = dict(lmap(analyse, order))
+        cands = {n: cands[n] for n in self.layers}
+        if self.target is None:
+            choice = {n: self._argmin(c, self.lam) for n, c in cands.items()}
+        else:
+            hulls = dict(lmap(lambda n: (n, _lower_hull(cands[n], self.cost_kind)), order))
+            choice, self.lam = self._budget(cands, hulls)
+
+        def project(name: str) -> tuple[str, tuple[Rank, Tensor, Any, float]]:
+            s, c, idx, z = self.layers[name], cands[name], choice[name], shifted[name]
+            if idx is None:
+                return name, (None, z.clone(), None, 0.0)
+            rank = c.rank_of(idx)
+            theta, factors = s.scheme.project(z, rank, c.analysis, self.n_iter)
+            # HOOI sweeps (n_iter > 0) lower the error below the truncated-HOSVD table's: measure it
+            err = float(c.err[idx]) if self.n_iter == 0 else float((z.double() - theta.double()).square().sum())
+            return name, (rank, theta, factors, err)
+
+        done = dict(lmap(project, order))
+        # The first C step has no previous ranks: it always counts as a change (so ``converged`` is False).
+        old = self.ranks if self.history else None
+        for name, s in self.layers.items():
+            s.rank, s.theta, s.factors, s.err = done[name]
+        if _is_distributed():
+            self._broadcast()
+        self._ranks_changed = old != self.ranks
+        self._record(time.perf_counter() - t0, "C step")
+        return cands
+
+    def _record(self, seconds: float, what: str) -> None:
+        """Append the current state (ranks, errors, costs, SR/CR, ‖W − Θ‖/‖W‖) to ``history`` and log it."""
+        params, macs = self._totals()
+        row = {
+            "step": self.steps_done,
+            "mu": self.mu,
+            "lam": self.lam,
+            "ranks": {n: (list(r) if isinstance(r, tuple) else r) for n, r in self.ranks.items()},
+            "err": {n: s.err for n, s in self.layers.items()},
+            "distance": self.distance(),
+            "macs": macs,
+            "params": params,
+            "sr": self.base_macs / max(macs, 1),
+            "cr": self.base_params / max(params, 1),
+            "seconds": seconds,
+        }
+        self.history.append(row)
+        log.info(
+            "ltc: %s %d  mu=%.3g  lam=%.3g  SR=%.2f  CR=%.2f  |W-Theta|/|W|=%.3g  (%.2fs)",
+            what,
+            self.steps_done,
+            self.mu,
+            self.lam,
+            row["sr"],
+            row["cr"],
+            row["distance"],
+            seconds,
+        )
 
     def _argmin(self, c: Candidates, lam: float) -> int | None:
         """Joint argmin of ``λ·C/C_ref + μ/2·err`` over the grid and the dense option (None)."""
@@ -369,7 +406,9 @@ class LCEngine:
         return None if dense < float(obj[idx]) else idx
 
     # ----------------------------------------------------------------------------------------- budget
-    def _budget(self, cands: dict[str, Candidates]) -> tuple[dict[str, int | None], float]:
+    def _budget(
+        self, cands: dict[str, Candidates], hulls: dict[str, list[tuple[float, float, int | None]]] | None = None
+    ) -> tuple[dict[str, int | None], float]:
         """Smallest λ whose ranks meet the budget (exact, over the breakpoints of each layer's lower convex
         hull of (cost, err)), then a greedy fill of the remaining budget one rank step at a time."""
         assert self.target is not None
@@ -377,7 +416,9 @@ class LCEngine:
         base = self.base_macs if kind == "macs" else self.base_params
         fixed = self.fixed_macs if kind == "macs" else self.fixed_params
         budget = base / self.target - fixed
-        hulls = {n: _lower_hull(c, kind) for n, c in cands.items()}
+        if hulls is None:
+            hulls = {n: _lower_hull(c, kind) for n, c in cands.items()}
+        hulls = {n: hulls[n] for n in cands}
         floor = sum(h[0][0] for h in hulls.values())
         if floor > budget + 1e-9:
             best = base / (fixed + floor)
@@ -519,6 +560,11 @@ class LCEngine:
                 f"engine state version {state.get('version')!r} is not this ltc's ({ENGINE_STATE_VERSION}); "
                 "re-run the compression with this version"
             )
+        if state.get("cost", self.cost_kind) != self.cost_kind:
+            raise ValueError(
+                f"this engine state was made with cost={state['cost']!r}, this engine uses cost={self.cost_kind!r}; "
+                "build the engine with the same cost"
+            )
         saved = state["layers"]
         if set(saved) != set(self.layers):
             missing, extra = sorted(set(self.layers) - set(saved)), sorted(set(saved) - set(self.layers))
@@ -550,6 +596,8 @@ class LCEngine:
         unknown = set(ranks) - set(self.layers)
         if unknown:
             raise ValueError(f"assign(): unknown layers {sorted(unknown)[:5]}")
+        t0 = time.perf_counter()
+        old = self.ranks
         for name, r in ranks.items():
             s = self.layers[name]
             w = self._shifted(s)
@@ -559,6 +607,8 @@ class LCEngine:
                 s.rank = r
                 s.theta, s.factors = s.scheme.project(w, r, None, self.n_iter)
                 s.err = float((w - s.theta).square().sum())
+        self._ranks_changed = self._ranks_changed or old != self.ranks
+        self._record(time.perf_counter() - t0, "assigned ranks")
 
 
 def _lower_hull(c: Candidates, kind: str) -> list[tuple[float, float, int | None]]:
@@ -571,13 +621,16 @@ def _lower_hull(c: Candidates, kind: str) -> list[tuple[float, float, int | None
     cost = c.cost(kind).detach().to("cpu", torch.float64).numpy()
     err = c.err.detach().to("cpu", torch.float64).numpy()
     dense_c = float(c.dense_cost(kind))
-    order = np.lexsort((err, cost))  # by cost, then error
+    order = np.argsort(cost, kind="stable")
     cs, es = cost[order], err[order]
     keep = np.ones(len(cs), dtype=bool)
-    keep[1:] = es[1:] < np.minimum.accumulate(es)[:-1]  # strictly below every cheaper (or equal-cost) point
+    keep[1:] = es[1:] < np.minimum.accumulate(es)[:-1]  # strictly below every earlier (no dearer) point
     # the dense option (error 0) dominates every grid point at its cost or above with a positive error
     keep &= (cs < dense_c) | ((cs == dense_c) & (es <= 0))
     x, y, idx = cs[keep], es[keep], order[keep].astype(np.int64)
+    if len(x) > 1:
+        last = np.append(x[1:] != x[:-1], True)  # of equal costs keep the last kept: the smallest error
+        x, y, idx = x[last], y[last], idx[last]
     with_dense = len(y) == 0 or y[-1] > 0
     if with_dense:
         x, y, idx = np.append(x, dense_c), np.append(y, 0.0), np.append(idx, -1)
