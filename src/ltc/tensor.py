@@ -214,7 +214,9 @@ def tucker2_analysis(weight: Tensor) -> Tucker2Analysis:
     t, s = w.shape[:2]
     u = leading_left_singular_vectors(unfold(w, 0))  # (T, T)
     v = leading_left_singular_vectors(unfold(w, 1))  # (S, S)
-    c = torch.einsum("tsab,ti,sj->ijab", w, u, v)
+    # Rotate into both bases with two plain matrix products (faster than one 3-operand einsum).
+    c = (u.T @ w.reshape(t, -1)).reshape(t, s, -1)  # (T', S, kh*kw)
+    c = torch.matmul(v.T, c).reshape(w.shape)  # (T', S', kh, kw)
     energy = c.square().sum(dim=(2, 3))  # (T, S): energy of each (out, in) basis pair
     block = energy.cumsum(0).cumsum(1)  # block[i, j] = sum over out <= i, in <= j
     total = w.square().sum()

@@ -1,0 +1,185 @@
+"""Measured wall-clock latency of a forward pass (never called SR: SR is the theoretical MAC speed-up).
+
+>>> stats = measure_latency(model, torch.randn(1, 3, 32, 32), threads=2)
+>>> stats.median_ms
+>>> compare_latency(base, small, torch.randn(1, 3, 32, 32), threads=2)["speedup"]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .utils import resolve_device
+
+__all__ = ["LatencyStats", "measure_latency", "compare_latency"]
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Forward-pass latency in milliseconds over ``repeats`` timed runs (after warm-up)."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    repeats: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return f"{self.median_ms:.3f} ms (p10 {self.p10_ms:.3f}, p90 {self.p90_ms:.3f}, n={self.repeats})"
+
+
+@contextlib.contextmanager
+def _num_threads(threads: int | None) -> Iterator[None]:
+    """Temporarily ``torch.set_num_threads(threads)``; restores the previous value (also on error)."""
+    if threads is None:
+        yield
+        return
+    if int(threads) < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _percentile(sorted_ms: list[float], q: float) -> float:
+    """Linear-interpolated percentile ``q`` in [0, 100] of an ascending list."""
+    if len(sorted_ms) == 1:
+        return sorted_ms[0]
+    pos = (len(sorted_ms) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_ms) - 1)
+    return sorted_ms[lo] + (sorted_ms[hi] - sorted_ms[lo]) * (pos - lo)
+
+
+def _stats(times_ms: list[float]) -> LatencyStats:
+    s = sorted(times_ms)
+    return LatencyStats(statistics.median(s), _percentile(s, 10), _percentile(s, 90), len(s))
+
+
+class _Timer:
+    """Times one forward pass of a prepared model (eval mode, on ``device``)."""
+
+    def __init__(self, model: nn.Module, x: Tensor, device: torch.device) -> None:
+        self.model, self.x, self.cuda = model, x, device.type == "cuda"
+
+    def __call__(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        self.model(self.x)
+        if self.cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1e3
+
+
+@contextlib.contextmanager
+def _prepared(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """``model`` on ``device`` in eval mode; the train/eval flags are restored afterwards (the device is not)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.to(device).eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.train(mode)
+
+
+def _check(warmup: int, repeats: int) -> None:
+    if int(warmup) < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    if int(repeats) < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+
+
+def measure_latency(
+    model: nn.Module,
+    example_input: Tensor,
+    *,
+    threads: int | None = None,
+    warmup: int = 5,
+    repeats: int = 30,
+    device: str | torch.device = "cpu",
+) -> LatencyStats:
+    """Median / 10th / 90th percentile of the wall-clock time (ms) of ``model(example_input)``.
+
+    Runs under ``torch.inference_mode`` with the model in eval mode (its flags are restored afterwards).
+    ``threads`` sets ``torch.set_num_threads`` for the measurement only. On CUDA every run is bracketed by
+    ``torch.cuda.synchronize``. The batch size is the one of ``example_input`` (use batch 1 for latency).
+    """
+    _check(warmup, repeats)
+    dev = resolve_device(device)
+    x = example_input.to(dev)
+    with _num_threads(threads), torch.inference_mode(), _prepared(model, dev) as m:
+        timer = _Timer(m, x, dev)
+        for _ in range(int(warmup)):
+            timer()
+        times = [timer() for _ in range(int(repeats))]
+    return _stats(times)
+
+
+def compare_latency(
+    base: nn.Module,
+    compressed: nn.Module,
+    example_input: Tensor,
+    *,
+    threads: int | None = None,
+    warmup: int = 5,
+    repeats: int = 30,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Measure ``base`` and ``compressed`` side by side, interleaved run by run (so machine noise hits both).
+
+    Returns ``{"base_ms", "compressed_ms"`` (medians), ``"speedup"`` (measured: base_ms / compressed_ms, not
+    SR), ``"base"``, ``"compressed"`` (full :class:`LatencyStats` dicts), ``"batch"``, ``"threads"``,
+    ``"device"``, ``"repeats"``, ``"warmup"}``.
+    """
+    _check(warmup, repeats)
+    dev = resolve_device(device)
+    x = example_input.to(dev)
+    with (
+        _num_threads(threads),
+        torch.inference_mode(),
+        _prepared(base, dev) as b,
+        _prepared(compressed, dev) as c,
+    ):
+        tb, tc = _Timer(b, x, dev), _Timer(c, x, dev)
+        for _ in range(int(warmup)):
+            tb()
+            tc()
+        times_b: list[float] = []
+        times_c: list[float] = []
+        for i in range(int(repeats)):
+            # alternate which model goes first, so neither systematically profits from a warm cache
+            if i % 2 == 0:
+                times_b.append(tb())
+                times_c.append(tc())
+            else:
+                times_c.append(tc())
+                times_b.append(tb())
+        used_threads = torch.get_num_threads()
+    sb, sc = _stats(times_b), _stats(times_c)
+    return {
+        "base_ms": sb.median_ms,
+        "compressed_ms": sc.median_ms,
+        "speedup": sb.median_ms / max(sc.median_ms, 1e-12),
+        "base": sb.to_dict(),
+        "compressed": sc.to_dict(),
+        "batch": int(example_input.shape[0]),
+        "threads": used_threads,
+        "device": str(dev),
+        "repeats": int(repeats),
+        "warmup": int(warmup),
+    }

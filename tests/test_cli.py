@@ -1,0 +1,342 @@
+"""The ``ltc`` command, run in-process through ``ltc.cli.main`` (and once as ``python -m ltc``)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from ltc import config as cfgmod
+from ltc.cli import main
+from ltc.latency import compare_latency, measure_latency
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+QUIET = ["--no-progress"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> object:
+    """Tiny models run fastest on one thread (and two OpenMP threads crawl on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ------------------------------------------------------------------------------------------------ profile
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["resnet34", "--input-size", "224", "--num-classes", "1000"], ["3.66 G MACs", "21.80 M params", "3.68 G"]),
+        (["resnet34_cifar", "--input-size", "32", "--num-classes", "1000"], ["0.29 G", "21.80 M params"]),
+        (["vgg16_cifar", "--input-size", "32", "--num-classes", "10"], ["0.33 G", "33.65 M params", "352.41 M"]),
+        (["vgg16", "--input-size", "224", "--num-classes", "2"], ["15.47 G MACs", "134.27 M params", "15.65 G"]),
+    ],
+)
+def test_profile_matches_spec_rows(argv: list[str], expected: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["profile", *argv], capsys)
+    assert code == 0
+    for text in expected:
+        assert text in out
+    assert "MACs per sample" in out and "slides' \"FLOPs\"" in out
+
+
+def test_profile_of_a_user_callable(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "mynet.py").write_text(
+        "from torch import nn\n"
+        "def build(num_classes=10):\n"
+        "    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU(), nn.AdaptiveAvgPool2d(1),\n"
+        "                         nn.Flatten(), nn.Linear(8, num_classes))\n"
+    )
+    # conv: 8*8 positions * 3*8*9 = 13,824 MACs; linear 8*4 = 32 -> 13,856 MACs; params 216 + 36 = 252
+    code, out, _ = run(["profile", f"{tmp_path / 'mynet.py'}:build", "--input-size", "8", "--num-classes", "4"], capsys)
+    assert code == 0
+    assert "13.86 K MACs per sample" in out and "252 params" in out
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, out, _ = run(["profile", "mynet:build", "--input-size", "8"], capsys)
+    assert code == 0 and "13.90 K MACs per sample" in out  # 10-class head: 13,824 + 80
+    code, _, err = run(["profile", "mynet:nothing"], capsys)
+    assert code == 2 and err.startswith("ltc: error:") and "nothing" in err
+
+
+def test_profile_unknown_model_suggests(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(["profile", "resnet35"], capsys)
+    assert code == 2 and "ltc: error:" in err and "Did you mean" in err
+
+
+# ------------------------------------------------------------------------------------------------ configs
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(REPO / "configs")) for p in CONFIGS])
+def test_every_config_loads_and_validates(path: Path) -> None:
+    cfg = cfgmod.load_config(path)
+    assert set(cfg) == set(cfgmod.SECTIONS)
+    for _, sub in cfgmod.variants(cfg):
+        cfgmod.compress_config(sub)
+    raw = yaml.safe_load(path.read_text())
+    if "train" in raw:  # trainable configs name a zoo model
+        assert cfg["model"]["name"]
+    if "variants" in raw or "sweep" in raw:
+        assert cfg["run"]["base"]
+
+
+def test_config_files_cover_the_slides_tables() -> None:
+    names = {str(p.relative_to(REPO / "configs")) for p in CONFIGS}
+    for stem in ("cifar10_resnet34", "cifar10_vgg16", "chestxray_resnet34", "chestxray_vgg16"):
+        assert f"{stem}.yaml" in names and f"cpu/{stem}.yaml" in names
+        assert f"table4/{stem}.yaml" in names
+    for extra in ("layers_resnet34_chestxray.yaml", "layers_vgg16_cifar10.yaml", "sweep_lambda.yaml"):
+        assert extra in names and f"cpu/{extra}" in names
+    layers = cfgmod.variants(cfgmod.load_config(REPO / "configs/layers_resnet34_chestxray.yaml"))
+    labels = [c["run"]["label"] for _, c in layers]
+    assert labels == ["Conv1", "Layer1", "Layer2", "Layer3", "Layer4", "Layer1 and Layer4", "Layer1 to Layer4",
+                      "Conv1 to Layer4"]
+    vgg = cfgmod.variants(cfgmod.load_config(REPO / "configs/layers_vgg16_cifar10.yaml"))
+    assert [n for n, _ in vgg][-2:] == ["conv2-13", "convall"] and len(vgg) == 15
+
+
+def test_set_and_flag_overrides(tmp_path: Path) -> None:
+    path = REPO / "configs/cifar10_resnet34.yaml"
+    cfg = cfgmod.load_config(path, {"train": {"epochs": 2}},
+                             ["train.lr=1e-3", "compress.include=[layer1.*, conv1]", "data.batch_size=32"])
+    assert cfg["train"]["epochs"] == 2 and cfg["train"]["lr"] == pytest.approx(1e-3)
+    assert cfg["compress"]["include"] == ["layer1.*", "conv1"] and cfg["data"]["batch_size"] == 32
+    assert cfg["run"]["name"] == "cifar10_resnet34"
+    # λ replaces the file's target SR (and vice versa) instead of clashing with it
+    cfg = cfgmod.load_config(path, sets=["compress.lam=0.5"])
+    assert cfg["compress"]["lam"] == 0.5 and cfg["compress"]["target_sr"] is None
+    # '1e-4' is a string to YAML 1.1; it still becomes a number
+    cfg = cfgmod.load_config(path, sets=["compress.mu0=1e-4"])
+    assert cfg["compress"]["mu0"] == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match="train.epochs must be an integer"):
+        cfgmod.load_config(path, sets=["train.epochs=many"])
+    with pytest.raises(ValueError, match="section.key=value"):
+        cfgmod.load_config(path, sets=["epochs=3"])
+
+
+def test_unknown_config_keys_are_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name: small_cnn}\ntrain: {epoch: 3}\n")
+    with pytest.raises(ValueError, match=r"unknown train key 'epoch'\. Did you mean 'epochs'\?.*Valid"):
+        cfgmod.load_config(bad)
+    code, _, err = run(["train", "--config", str(bad), *QUIET], capsys)
+    assert code == 2 and err.startswith("ltc: error:") and "'epochs'" in err and "Traceback" not in err
+    bad.write_text("trian: {epochs: 3}\n")
+    with pytest.raises(ValueError, match="unknown section 'trian'.*Did you mean 'train'"):
+        cfgmod.load_config(bad)
+    bad.write_text("variants:\n  - {name: a, compress: {metod: ltc}}\n")
+    with pytest.raises(ValueError, match="variants\\[0\\].*metod"):
+        cfgmod.load_config(bad)
+    with pytest.raises(ValueError, match="unknown method"):
+        cfgmod.load_config(None, {"compress": {"method": "tucker"}})
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+def test_bad_data_path_is_a_clean_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["train", "--model", "small_cnn", "--data", str(tmp_path / "missing.zip"), "--out", str(tmp_path / "r"),
+            *QUIET]
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    assert err.startswith("ltc: error:") and "missing.zip" in err and "Traceback" not in err
+    from ltc.data import DataError
+
+    with pytest.raises(DataError):
+        main(["--debug", *argv])
+
+
+def test_no_command_and_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run([], capsys)[0] == 2
+    assert run(["train", "--epochs", "x"], capsys)[0] == 2
+    code, out, _ = run(["compress", "--help"], capsys)
+    assert code == 0 and "MACs" in out and "SR" in out and "--layers" in out
+
+
+def test_python_dash_m_help() -> None:
+    proc = subprocess.run([sys.executable, "-m", "ltc", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    for cmd in ("profile", "train", "compress", "finetune", "eval", "sweep", "report", "plot", "export", "demo"):
+        assert cmd in proc.stdout
+    assert "MACs" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny base run and an LTC compression of it, on the bundled digits (a few seconds on a CPU)."""
+    d = tmp_path_factory.mktemp("runs")
+    base = ["train", "--model", "small_cnn", "--width", "0.25", "--data", "digits", "--epochs", "2",
+            "--batch-size", "64", "--lr", "0.05", "--out", str(d / "base"), *QUIET]
+    assert main(base) == 0
+    comp = ["compress", "--base", str(d / "base"), "--target-sr", "2", "--steps", "2", "--finetune-epochs", "1",
+            "--batch-size", "64", "--out", str(d / "ltc"), *QUIET]
+    assert main(comp) == 0
+    return d
+
+
+def test_train_writes_a_run(runs_dir: Path) -> None:
+    base = runs_dir / "base"
+    for f in ("model.pt", "result.json", "log.csv", "checkpoint.pt", "run.json", "config.yaml"):
+        assert (base / f).is_file(), f
+    res = json.loads((base / "result.json").read_text())
+    assert res["kind"] == "train" and res["model"] == "small_cnn" and res["dataset"] == "digits"
+    assert 0.0 <= res["acc"] <= 1.0 and res["macs"] > 0 and res["params"] > 0
+    assert res["data"]["image_size"] == 16 and res["data"]["channels"] == 1
+    assert len((base / "log.csv").read_text().strip().splitlines()) == 3  # header + 2 epochs
+
+
+def test_train_refuses_to_clobber_and_resumes(runs_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["train", "--model", "small_cnn", "--width", "0.25", "--data", "digits", "--epochs", "2",
+            "--out", str(runs_dir / "base"), *QUIET]
+    code, _, err = run(argv, capsys)
+    assert code == 2 and "--resume" in err
+    before = (runs_dir / "base" / "model.pt").stat().st_mtime_ns
+    code, out, _ = run([*argv, "--resume"], capsys)  # all epochs done: nothing to train, same result
+    assert code == 0 and "val acc" in out
+    assert (runs_dir / "base" / "model.pt").stat().st_mtime_ns >= before
+
+
+def test_compress_writes_a_run(runs_dir: Path) -> None:
+    out = runs_dir / "ltc"
+    for f in ("model.pt", "result.json", "log.csv", "compress.pt", "ranks.png", "ranks.pdf", "trajectories.png"):
+        assert (out / f).is_file(), f
+    res = json.loads((out / "result.json").read_text())
+    assert res["kind"] == "compress" and res["method"] == "ltc" and res["model"] == "small_cnn"
+    assert res["dataset"] == "digits" and res["label"] == "ltc_sr2"
+    assert res["sr"] == pytest.approx(2.0, rel=0.05)
+    lat = res["latency"]["batch1"]
+    assert lat["threads"] == 2 and lat["batch"] == 1 and lat["base_ms"] > 0 and lat["compressed_ms"] > 0
+    assert lat["speedup"] == pytest.approx(lat["base_ms"] / lat["compressed_ms"])
+    from ltc import io
+
+    model = io.load(out / "model.pt")
+    assert model(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
+    assert any(type(m).__name__ == "Tucker2Conv2d" for m in model.modules())
+
+
+def test_eval_any_checkpoint(runs_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["eval", str(runs_dir / "ltc"), *QUIET], capsys)
+    assert code == 0 and "accuracy" in out and "MACs per sample" in out and "[val," in out
+    code, out, _ = run(["eval", str(runs_dir / "base" / "checkpoint.pt"), "--split", "train", "--json", *QUIET],
+                       capsys)
+    assert code == 0
+    res = json.loads(out)
+    assert res["split"] == "train" and res["samples"] > 1000 and 0 <= res["acc"] <= 1
+    code, _, err = run(["eval", str(runs_dir / "ltc"), "--data", "digits", "--split", "test", *QUIET], capsys)
+    assert code == 2 and "no 'test' split" in err
+
+
+def test_layers_glob_matching_nothing(runs_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = runs_dir / "nomatch"
+    code, _, err = run(["compress", "--base", str(runs_dir / "base"), "--target-sr", "2", "--layers", "layer9.*",
+                        "--out", str(out), *QUIET], capsys)
+    assert code == 2 and "layer9.*" in err and "matches no conv or linear layer" in err
+    assert not out.exists()  # checked before anything was written
+
+
+def test_compress_needs_lam_or_target(runs_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(["compress", "--base", str(runs_dir / "base"), "--out", str(runs_dir / "x"), *QUIET], capsys)
+    assert code == 2 and "--lam" in err and "--target-sr" in err
+
+
+def test_layer_analysis_and_finetune(runs_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, _ = run(["compress", "--base", str(runs_dir / "base"), "--method", "oneshot", "--lam", "5",
+                      "--layers", "features.3", "features.7", "--steps", "1", "--finetune-epochs", "0",
+                      "--label", "Conv2-3", "--out", str(runs_dir / "layers_c23"), *QUIET], capsys)
+    assert code == 0
+    res = json.loads((runs_dir / "layers_c23" / "result.json").read_text())
+    assert set(res["ranks"]) == {"features.3", "features.7"} and res["label"] == "Conv2-3"
+    code, out, _ = run(["finetune", "--run", str(runs_dir / "layers_c23"), "--epochs", "1", *QUIET], capsys)
+    assert code == 0 and "val acc" in out
+    ft = json.loads((runs_dir / "layers_c23_ft" / "result.json").read_text())
+    assert ft["label"] == "Conv2-3 +ft1" and ft["finetune"]["epochs"] == 1
+
+
+def test_report_and_plot(runs_dir: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    rep = tmp_path / "rep"
+    code, out, _ = run(["report", str(runs_dir / "base"), str(runs_dir / "ltc"), "--out", str(rep)], capsys)
+    assert code == 0 and "Table 1" in out and "SmallCNN" in out and "LTC" in out
+    assert (rep / "table1.md").is_file() and (rep / "table1.csv").is_file()
+    code, out, _ = run(["report", str(runs_dir), "--compare", "--layers", "--out", str(rep)], capsys)
+    assert code == 0 and "Table 4" in out and "Structural analysis" in out
+    assert (rep / "table4.csv").is_file() and (rep / "accuracy_vs_sr.png").is_file()
+    code, out, _ = run(["plot", str(runs_dir / "ltc"), str(runs_dir / "layers_c23"), "--out", str(tmp_path / "p")],
+                       capsys)
+    assert code == 0
+    assert (tmp_path / "p" / "ltc-ranks.png").is_file() and (tmp_path / "p" / "ranks_all.pdf").is_file()
+    code, out, _ = run(["report", str(runs_dir / "base"), str(rep), "--out", str(rep)], capsys)
+    assert code == 0 and "1 runs" in out  # a folder without runs (the report itself) is skipped
+    code, _, err = run(["report", str(tmp_path / "nothing")], capsys)
+    assert code == 2 and "ltc: error:" in err
+
+
+def test_sweep(runs_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = runs_dir / "sweep"
+    code, stdout, _ = run(["sweep", "--base", str(runs_dir / "base"), "--lams", "0.5", "50", "--steps", "1",
+                           "--finetune-epochs", "0", "--no-plots", "--set", "run.latency_repeats=5", "--out", str(out),
+                           *QUIET], capsys)
+    assert code == 0 and "λ sweep" in stdout
+    assert (out / "lam_0.5" / "result.json").is_file() and (out / "lam_50" / "result.json").is_file()
+    assert (out / "sweep.csv").is_file() and (out / "lambda_sweep.png").is_file() and (out / "ranks.pdf").is_file()
+    assert not (out / "lam_0.5" / "ranks.png").exists()  # --no-plots: only the sweep's own figures
+    srs = [json.loads((out / f"lam_{v}" / "result.json").read_text())["sr"] for v in ("0.5", "50")]
+    assert srs[1] >= srs[0]  # larger λ, smaller network
+
+
+def test_export(runs_dir: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    code, out, _ = run(["export", str(runs_dir / "ltc"), "--onnx", str(tmp_path / "m.onnx"),
+                        "--torchscript", str(tmp_path / "m.ts"), "--fold-bn"], capsys)
+    assert code == 0 and "max |ONNX Runtime - PyTorch|" in out and "max |TorchScript - PyTorch|" in out
+    assert (tmp_path / "m.onnx").stat().st_size > 0 and (tmp_path / "m.ts").stat().st_size > 0
+    assert run(["export", str(runs_dir / "ltc")], capsys)[0] == 2
+
+
+def test_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    threads = torch.get_num_threads()
+    code, out, _ = run(["demo", "--quick", "--out", str(tmp_path / "demo"), "--no-progress"], capsys)
+    assert code == 0
+    assert "| base small_cnn |" in out and "| LTC |" in out and "measured speed-up" in out and "[4/4]" in out
+    assert torch.get_num_threads() == threads
+    res = json.loads((tmp_path / "demo" / "result.json").read_text())
+    assert res["sr"] == pytest.approx(4.0, rel=0.05) and res["label"] == "LTC"
+    assert (tmp_path / "demo" / "model.pt").is_file() and (tmp_path / "demo" / "ranks.png").is_file()
+    assert (tmp_path / "demo" / "base" / "result.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ latency
+
+
+def test_latency_measurement_restores_state() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten())
+    net.train()
+    threads = torch.get_num_threads()
+    st = measure_latency(net, torch.zeros(1, 3, 8, 8), threads=1, warmup=1, repeats=5)
+    assert st.repeats == 5 and 0 < st.p10_ms <= st.median_ms <= st.p90_ms
+    assert net.training and torch.get_num_threads() == threads
+    small = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten())
+    res = compare_latency(net, small, torch.zeros(1, 3, 8, 8), threads=1, warmup=1, repeats=4)
+    assert res["threads"] == 1 and res["batch"] == 1 and res["repeats"] == 4
+    assert res["speedup"] == pytest.approx(res["base_ms"] / res["compressed_ms"])
+    assert "sr" not in res
+    with pytest.raises(ValueError):
+        measure_latency(net, torch.zeros(1, 3, 8, 8), repeats=0)
