@@ -33,13 +33,17 @@ from .cost import Profile, format_count, profile
 from .engine import LCEngine
 from .methods import get_method
 from .surgery import unwrap
-from .train import evaluate, make_optimizer, make_scheduler, train_one_epoch
-from .utils import atomic_torch_save, get_rng_state, is_main_process, resolve_device, set_rng_state
+from .train import NonFiniteLossError, evaluate, load_error_reason, make_optimizer, make_scheduler, train_one_epoch
+from .utils import atomic_torch_save, get_rng_state, is_main_process, resolve_device, set_rng_state, world_size
 
 __all__ = ["CompressConfig", "Result", "compress", "full_ranks"]
 
 CHECKPOINT_NAME = "compress.pt"
+CHECKPOINT_FORMAT = "ltc-compress"
 CHECKPOINT_VERSION = 1
+# settings that decide which ranks a run learns: resuming a checkpoint with other values is refused
+_IDENTITY_KEYS = ("method", "lam", "target_sr", "cost", "include", "exclude", "compress_linear", "min_rank",
+                  "method_options")
 
 
 @dataclass
@@ -102,6 +106,39 @@ class CompressConfig:
                 raise ValueError(f"{name} must be a number > 0, got {v!r}")
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay must lie in (0, 1], got {self.lr_decay}")
+        # the engine's numbers too, so that a typo fails here and not after minutes of evaluation
+        if self.lam is not None and not (_is_number(self.lam) and math.isfinite(self.lam) and self.lam >= 0):
+            raise ValueError(f"lam must be a finite number >= 0, got {self.lam!r}")
+        if self.target_sr is not None and not (
+            _is_number(self.target_sr) and math.isfinite(self.target_sr) and self.target_sr >= 1
+        ):
+            raise ValueError(f"target_sr must be a finite number >= 1 (a speed-up), got {self.target_sr!r}")
+        if self.cost not in ("macs", "params"):
+            raise ValueError(f"cost must be 'macs' or 'params', got {self.cost!r}")
+        if not (_is_number(self.mu0) and math.isfinite(self.mu0) and self.mu0 > 0):
+            raise ValueError(f"mu0 must be a finite number > 0, got {self.mu0!r}")
+        if self.mu_growth is not None and not (
+            _is_number(self.mu_growth) and math.isfinite(self.mu_growth) and self.mu_growth >= 1
+        ):
+            raise ValueError(f"mu_growth must be a finite number >= 1 (μ increases), got {self.mu_growth!r}")
+        if self.mu_final is not None and not (
+            _is_number(self.mu_final) and math.isfinite(self.mu_final) and self.mu_final > 0
+        ):
+            raise ValueError(f"mu_final must be a finite number > 0, got {self.mu_final!r}")
+        for name, lo in (("min_rank", 1), ("n_iter", 0)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+        if not (_is_number(self.tol) and self.tol >= 0):
+            raise ValueError(f"tol must be a number >= 0, got {self.tol!r}")
+        if str(self.optimizer).lower() not in ("sgd", "adam", "adamw"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose 'sgd', 'adam' or 'adamw'")
+        if not (_is_number(self.momentum) and 0 <= self.momentum < 1):
+            raise ValueError(f"momentum must lie in [0, 1), got {self.momentum!r}")
+        if not (_is_number(self.weight_decay) and math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if not (_is_number(self.label_smoothing) and 0 <= self.label_smoothing < 1):
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing!r}")
         if isinstance(self.include, str):
             self.include = [self.include]
         if isinstance(self.exclude, str):
@@ -129,6 +166,10 @@ class CompressConfig:
         mu_final = max(float(mu_final), self.mu0)
         growth = (mu_final / self.mu0) ** (1.0 / (self.steps - 1)) if self.steps > 1 else 1.0
         return dataclasses.replace(self, mu_growth=growth, mu_final=mu_final)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 def full_ranks(engine: LCEngine) -> dict[str, Any]:
@@ -261,10 +302,23 @@ def compress(
         config / kwargs: a :class:`CompressConfig`, or its fields as keyword arguments
             (``target_sr=5, steps=10, ...``); kwargs override the config's fields.
         checkpoint_dir: if given, an atomic checkpoint is written after every LC step and fine-tuning epoch
-            (only on the main process); ``resume=True`` continues from it.
+            (only on the main process); ``resume=True`` continues from it (bit-identically on CPU). A checkpoint
+            of another method, model, ltc version or rank setting (λ, target, cost, layers, min_rank) is
+            refused with a ``ValueError``.
         base_acc: the base model's validation accuracy if already known (skips one evaluation).
+
+    Under ``torch.distributed`` with more than one process (torchrun), the model is trained wrapped in
+    ``DistributedDataParallel`` (gradients averaged; give each process its share of the data, e.g. with a
+    ``DistributedSampler``), every C step uses rank 0's result, and only rank 0 writes the checkpoint.
+
     Returns:
         a :class:`Result` with the compressed model, ranks, profiles, accuracies and logs.
+
+    Raises:
+        ValueError: a bad setting, layer glob or unreachable target (before any training), or an unusable
+            checkpoint on resume.
+        NonFiniteLossError: a batch loss or the weights became NaN/inf; the checkpoint of the last good LC step
+            or fine-tuning epoch is left as it was.
     """
     cfg = dataclasses.replace(config, **kwargs) if config is not None else CompressConfig(**kwargs)
     method = get_method(cfg.method)
@@ -287,34 +341,66 @@ def compress(
             raise ValueError("resume=True needs checkpoint_dir (the folder of the run to continue)")
         if not ckpt_path.exists():
             raise FileNotFoundError(f"resume: no checkpoint at {ckpt_path}; run without resume first")
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if state.get("version") != CHECKPOINT_VERSION or state.get("method") != cfg.method:
+        state = _load_checkpoint(ckpt_path, cfg, device)
+        try:
+            work.load_state_dict(state["base_model"])
+        except RuntimeError as exc:
             raise ValueError(
-                f"checkpoint {ckpt_path} was written by another ltc version or method "
-                f"({state.get('method')!r}); start afresh without --resume or use another checkpoint dir"
-            )
-        work.load_state_dict(state["base_model"])
+                f"checkpoint {ckpt_path} belongs to another model ({_first_line(exc)}); resume it with the "
+                "base model it was started from, or start afresh without resume"
+            ) from None
+    work_ddp = _ddp(work, device)  # under torchrun: gradients averaged over the processes
+
+    # the first C step also checks the layer globs, the ranks and the reachability of the target: before any
+    # training or evaluation
+    engine = method.build(work, example_input, **cfg.engine_kwargs())
     if base_acc is None and val_loader is not None:
         base_acc = state["base_acc"] if state is not None else _acc(work, val_loader, device, cfg)
-
-    engine = method.build(work, example_input, **cfg.engine_kwargs())
     log_rows: list[dict[str, Any]] = []
     base_state = {k: v.detach().clone() for k, v in work.state_dict().items()}
     epoch_counter = 0
     start_step = 0
     if state is not None:
-        work.load_state_dict(state["model"])
-        engine.load_state_dict(state["engine"])
+        try:
+            work.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise ValueError(f"checkpoint {ckpt_path} belongs to another model ({_first_line(exc)})") from None
+        try:
+            engine.load_state_dict(state["engine"])
+        except ValueError as exc:
+            raise ValueError(f"checkpoint {ckpt_path}: {exc}") from None
         log_rows = list(state["log"])
         start_step = int(state["step"])
         epoch_counter = int(state["epoch_counter"])
         set_rng_state(state["rng"])
+
+    def kept() -> str:
+        if ckpt_path is None or not ckpt_path.is_file():
+            return "No checkpoint was written"
+        return (f"The last good checkpoint {ckpt_path} is unchanged: resume from it (with a lower lr) or start "
+                "afresh")
+
+    def train_epoch(model: nn.Module, where: str, **kw: Any) -> Any:
+        try:
+            st = train_one_epoch(model, train_loader, device=device, amp=cfg.amp, channels_last=cfg.channels_last,
+                                 label_smoothing=cfg.label_smoothing, progress=False, desc=where, **kw)
+        except NonFiniteLossError as exc:
+            raise NonFiniteLossError(f"{where}: {exc} {kept()}") from None
+        _sync_buffers(unwrap(model))
+        bad = _nonfinite(unwrap(model))
+        if bad:
+            raise NonFiniteLossError(
+                f"{where}: the weights became NaN/inf ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) "
+                f"although every batch loss was finite: training diverged; lower the learning rate. {kept()}"
+            )
+        return st
 
     def save(phase: str, step: int, model_state: dict[str, Tensor], extra: dict[str, Any] | None = None) -> None:
         if ckpt_path is None or not is_main_process():
             return
         atomic_torch_save(
             {
+                "format": CHECKPOINT_FORMAT,
                 "version": CHECKPOINT_VERSION,
                 "method": cfg.method,
                 "phase": phase,
@@ -344,10 +430,8 @@ def compress(
                 sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.lr_decay)
                 for e in range(cfg.epochs_per_step):
                     _seed_epoch(train_loader, cfg.seed, epoch_counter)
-                    st = train_one_epoch(work, train_loader, opt, extra_loss=engine.penalty, device=device,
-                                         amp=cfg.amp, channels_last=cfg.channels_last,
-                                         label_smoothing=cfg.label_smoothing, progress=False,
-                                         desc=f"L step {step + 1}.{e + 1}")
+                    st = train_epoch(work_ddp, f"L step {step + 1}/{steps}, epoch {e + 1}/{cfg.epochs_per_step}",
+                                     optimizer=opt, extra_loss=engine.penalty)
                     sched.step()
                     epoch_counter += 1
                     log_rows.append({"phase": "lc", "step": step + 1, "epoch": epoch_counter, "mu": engine.mu,
@@ -362,7 +446,8 @@ def compress(
 
     # ---------------------------------------------------------------- deploy, then fine-tune
     small = engine.compressed_model().to(device)
-    acc_before = _acc(small, val_loader, device, cfg)
+    resumed_ft = state is not None and state["phase"] == "finetune"
+    acc_before = state["acc_before"] if resumed_ft else _acc(small, val_loader, device, cfg)
     ft_epochs = cfg.finetune_epochs
     if cfg.equal_budget and not method.learns:
         ft_epochs += cfg.steps * cfg.epochs_per_step
@@ -370,25 +455,33 @@ def compress(
                          nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     sched = make_scheduler(opt, name="cosine", epochs=max(ft_epochs, 1))
     ft_start = 0
-    if state is not None and state["phase"] == "finetune":
+    if resumed_ft:
         small.load_state_dict(state["small"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         ft_start = int(state["ft_epoch"])
-        acc_before = state["acc_before"]
+
+    def save_ft(done: int) -> None:
+        save("finetune", steps, work.state_dict(), {
+            "small": small.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "ft_epoch": done, "acc_before": acc_before,
+        })
+
+    if not resumed_ft:
+        # the deployed model as built from the factors of the last C step: a resume rebuilds the factors from Θ,
+        # equal only up to rounding, so without this checkpoint a run killed between the last C step and the
+        # first fine-tuning checkpoint would not resume bit-identically
+        save_ft(0)
+    small_ddp = _ddp(small, device) if ft_start < ft_epochs else small
     for ep in _progress(range(ft_start, ft_epochs), progress, desc="fine-tune", total=ft_epochs, initial=ft_start):
         _seed_epoch(train_loader, cfg.seed, epoch_counter)
-        st = train_one_epoch(small, train_loader, opt, device=device, amp=cfg.amp, channels_last=cfg.channels_last,
-                             label_smoothing=cfg.label_smoothing, progress=False, desc=f"fine-tune {ep + 1}")
+        st = train_epoch(small_ddp, f"fine-tuning epoch {ep + 1}/{ft_epochs}", optimizer=opt)
         sched.step()
         epoch_counter += 1
         row = {"phase": "finetune", "epoch": epoch_counter, "train_loss": st.loss, "train_acc": st.acc,
                "seconds": st.seconds}
         log_rows.append(row)
-        save("finetune", steps, work.state_dict(), {
-            "small": small.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "ft_epoch": ep + 1, "acc_before": acc_before,
-        })
+        save_ft(ep + 1)
     acc = _acc(small, val_loader, device, cfg)
     comp_prof = profile(small, example_input)
     return Result(
@@ -408,6 +501,75 @@ def compress(
         config=cfg.to_dict(),
         seconds=time.perf_counter() - t_start,
     )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] + (" ..." if len(text) > 300 else "")
+
+
+def _nonfinite(module: nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers of ``module`` holding a NaN or an inf."""
+    return [k for k, v in module.state_dict().items()
+            if isinstance(v, Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def _ddp(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module`` wrapped in DistributedDataParallel when running under torch.distributed with > 1 process."""
+    if world_size() <= 1:
+        return module
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" \
+        else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+
+def _sync_buffers(module: nn.Module) -> None:
+    """Under torch.distributed: rank 0's buffers (BatchNorm running statistics) on every process. DDP syncs them
+    at the start of each forward only, so after an epoch every process holds the statistics of its own last
+    batch; the C step, the checkpoint and the returned model must not depend on the process."""
+    if world_size() <= 1:
+        return
+    for b in module.buffers():
+        if b.is_floating_point():
+            torch.distributed.broadcast(b.data, src=0)
+
+
+def _load_checkpoint(path: Path, cfg: CompressConfig, device: torch.device) -> dict[str, Any]:
+    """Read a :func:`compress` checkpoint; a clear ``ValueError`` for anything else or another run's."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # truncated, random bytes, pickled objects refused by weights_only
+        raise ValueError(
+            f"checkpoint {path} cannot be read ({load_error_reason(exc)}); it is not a checkpoint of ltc.compress "
+            "or it is damaged: start afresh without resume"
+        ) from None
+    if not isinstance(state, dict) or "engine" not in state or state.get("format", CHECKPOINT_FORMAT) != \
+            CHECKPOINT_FORMAT:
+        what = f"format {state.get('format')!r}" if isinstance(state, dict) and state.get("format") else (
+            "a plain dict" if isinstance(state, dict) else f"a {type(state).__name__}")
+        raise ValueError(
+            f"checkpoint {path} is not a checkpoint of ltc.compress (it holds {what}); point checkpoint_dir at "
+            "a compression run's folder, or start afresh without resume"
+        )
+    if state.get("version") != CHECKPOINT_VERSION or state.get("method") != cfg.method:
+        raise ValueError(
+            f"checkpoint {path} was written by another ltc version or method ({state.get('method')!r}, "
+            f"checkpoint version {state.get('version')!r}, this ltc writes {CHECKPOINT_VERSION}); start afresh "
+            "without --resume or use another checkpoint dir"
+        )
+    try:
+        saved = json.loads(state.get("config") or "{}")
+    except (TypeError, ValueError):
+        saved = {}
+    now = json.loads(json.dumps(cfg.to_dict(), default=str))
+    diff = [k for k in _IDENTITY_KEYS if k in saved and saved[k] != now.get(k)]
+    if diff:
+        pairs = ", ".join(f"{k}: {saved[k]!r} -> {now.get(k)!r}" for k in diff)
+        raise ValueError(
+            f"checkpoint {path} belongs to a run with other settings ({pairs}); resume with the run's settings, "
+            "or start afresh in another checkpoint dir"
+        )
+    return state
 
 
 def _progress(it: Iterable[Any], enabled: bool, **kw: Any) -> Any:

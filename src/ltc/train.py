@@ -32,6 +32,7 @@ from torch.optim import Optimizer
 from torch.utils.data import Sampler
 from tqdm.auto import tqdm
 
+from ltc.surgery import unwrap
 from ltc.utils import (
     atomic_torch_save,
     atomic_write_text,
@@ -57,6 +58,7 @@ __all__ = [
     "count_correct",
     "accuracy",
     "CHECKPOINT_FORMAT",
+    "load_error_reason",
 ]
 
 CHECKPOINT_FORMAT = "ltc-fit-v1"
@@ -641,15 +643,52 @@ class RunLog:
 # --------------------------------------------------------------------------- fit
 
 
+def load_error_reason(exc: BaseException) -> str:
+    """A short reason from a ``torch.load`` failure (torch's own texts run to several sentences)."""
+    text = " ".join(str(exc).split())
+    if "WeightsUnpickler error:" in text:  # random bytes, or pickled objects that weights_only refuses
+        detail = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0].strip()
+        return f"not a tensor checkpoint: {detail.rstrip('.')}"
+    first = text.split(". ", 1)[0].rstrip(".")
+    return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
+
+
 def _load_checkpoint(path: Path) -> dict[str, Any]:
+    def unreadable(exc: BaseException) -> ValueError:
+        return ValueError(
+            f"{path} cannot be read ({load_error_reason(exc)}); it is damaged or not a checkpoint of "
+            "ltc.train.fit: delete it to start afresh, or resume from another copy"
+        )
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # custom objects (e.g. in the history): unpickle fully
-        warnings.warn(
-            f"checkpoint {path} cannot be loaded with weights_only=True ({exc}); loading it fully",
-            stacklevel=3,
-        )
-        return torch.load(path, map_location="cpu", weights_only=False)
+        first = exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:  # truncated or not a torch file
+        if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError):
+            raise
+        raise unreadable(exc) from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:
+        raise unreadable(first) from None
+    warnings.warn(
+        f"checkpoint {path} cannot be loaded with weights_only=True ({load_error_reason(first)}); loaded it fully",
+        stacklevel=3,
+    )
+    return obj
+
+
+def _nonfinite_entries(model: nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers of ``model`` holding a NaN or an inf."""
+    return [k for k, v in model.state_dict().items()
+            if isinstance(v, Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def _kept(ckpt_path: Path | None) -> str:
+    if ckpt_path is not None and ckpt_path.is_file():
+        return f"the last good checkpoint {ckpt_path} is unchanged (resume continues from it)"
+    return "no checkpoint was written"
 
 
 def fit(
@@ -687,7 +726,9 @@ def fit(
         extra_loss: added to the loss every batch (see :func:`train_one_epoch`).
         checkpoint_path: if given, after every epoch the main process atomically writes
             ``{"format", "epoch" (completed epochs), "epochs", "model", "optimizer", "scheduler",
-            "scaler", "rng", "loader_generator", "history", "log_rows"}``.
+            "scaler", "rng", "loader_generator", "history", "log_rows"}`` ("model": the state_dict of the
+            model inside a DDP wrapper, so that a run can resume with another number of processes). A
+            checkpoint whose weights become NaN/inf is never written (``NonFiniteLossError``).
         resume: load ``checkpoint_path`` when it exists and continue after its epoch (starts fresh
             when it does not). Resuming with the same arguments reproduces an uninterrupted run
             bit-for-bit on CPU: model/optimizer/scheduler/RNG states are restored, and the data
@@ -727,7 +768,7 @@ def fit(
     start_epoch = 0
     if resume and ckpt_path is not None and ckpt_path.exists():
         ckpt = _load_checkpoint(ckpt_path)
-        if ckpt.get("format") != CHECKPOINT_FORMAT:
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{ckpt_path} is not a training checkpoint written by ltc.train.fit")
         if ckpt.get("epochs") not in (None, epochs):
             warnings.warn(
@@ -735,8 +776,22 @@ def fit(
                 "the LR schedule will not match an uninterrupted run",
                 stacklevel=2,
             )
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            # stored without DDP's "module." prefix (older checkpoints may have it), so that a run can resume
+            # with another number of processes
+            core, state = unwrap(model), ckpt["model"]
+            if state and all(k.startswith("module.") for k in state) and not all(
+                k.startswith("module.") for k in core.state_dict()
+            ):
+                state = {k[len("module."):]: v for k, v in state.items()}
+            core.load_state_dict(state)
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            text = " ".join(str(exc).split())
+            raise ValueError(
+                f"{ckpt_path} belongs to another model or optimizer ({text[:300]}); resume with the same model "
+                "and settings, or start afresh in another folder"
+            ) from None
         if scheduler is not None and ckpt.get("scheduler") is not None:
             scheduler.load_state_dict(ckpt["scheduler"])
         if scaler is not None and ckpt.get("scaler") is not None:
@@ -755,22 +810,33 @@ def fit(
         t0 = time.perf_counter()
         _prepare_loader_epoch(train_loader, e, seed)
         lr = _current_lr(optimizer)
-        tr = train_one_epoch(
-            model,
-            train_loader,
-            optimizer,
-            criterion=criterion,
-            extra_loss=extra_loss,
-            device=dev,
-            amp=amp,
-            channels_last=channels_last,
-            grad_clip=grad_clip,
-            label_smoothing=label_smoothing,
-            progress=progress,
-            desc=f"epoch {e + 1}/{epochs}",
-            epoch=e + 1,
-            scaler=scaler,
-        )
+        try:
+            tr = train_one_epoch(
+                model,
+                train_loader,
+                optimizer,
+                criterion=criterion,
+                extra_loss=extra_loss,
+                device=dev,
+                amp=amp,
+                channels_last=channels_last,
+                grad_clip=grad_clip,
+                label_smoothing=label_smoothing,
+                progress=progress,
+                desc=f"epoch {e + 1}/{epochs}",
+                epoch=e + 1,
+                scaler=scaler,
+            )
+        except NonFiniteLossError as exc:
+            kept = _kept(ckpt_path)
+            raise NonFiniteLossError(f"{exc} {kept[:1].upper()}{kept[1:]}") from None
+        bad = _nonfinite_entries(model)
+        if bad:  # a finite last loss, then a step to NaN/inf: never checkpoint such weights
+            raise NonFiniteLossError(
+                f"epoch {e + 1}: the weights became NaN/inf ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) "
+                "although every batch loss was finite. Training diverged; try a lower learning rate (or gradient "
+                f"clipping); {_kept(ckpt_path)}"
+            )
         va = (
             evaluate(model, val_loader, device=dev, amp=amp, channels_last=channels_last, criterion=criterion)
             if val_loader is not None
@@ -805,7 +871,7 @@ def fit(
                     "format": CHECKPOINT_FORMAT,
                     "epoch": e + 1,
                     "epochs": epochs,
-                    "model": model.state_dict(),
+                    "model": unwrap(model).state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "scaler": scaler.state_dict() if scaler is not None else None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import tempfile
@@ -31,28 +32,92 @@ __all__ = [
 
 
 def _wrap_os_error(exc: OSError, path: Path, what: str) -> OSError:
-    """Same OSError subclass and errno as ``exc``, with a message naming ``path``."""
+    """Same OSError subclass and errno as ``exc``, whose ``str()`` is a plain message naming ``path``.
+
+    (``filename`` and ``strerror`` stay unset: with them ``str()`` would read
+    ``[Errno 28] could not write ...: 'PATH'``, the path twice.)
+    """
     reason = exc.strerror or str(exc) or type(exc).__name__
     msg = f"could not write {what} to {path}: {reason}; the previous file is unchanged"
     try:
-        new = type(exc)(exc.errno, msg) if exc.errno is not None else type(exc)(msg)
+        new = type(exc)(msg)
     except Exception:  # exotic subclass constructors
-        new = OSError(exc.errno, msg) if exc.errno is not None else OSError(msg)
-    new.filename = str(path)
+        new = OSError(msg)
+    new.errno = exc.errno
     return new
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (True when that cannot be told)."""
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists but belongs to someone else, or the platform cannot tell
+    return True
+
+
+def _host_tag() -> str:
+    """8 hex digits naming this machine (or container), so that pids are only compared on the machine that
+    owns them (a shared network folder may hold the temp files of writers on other machines)."""
+    import hashlib
+    import socket
+
+    return hashlib.sha1(socket.gethostname().encode(errors="replace")).hexdigest()[:8]
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{_host_tag()}-{os.getpid()}."
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete the temp files that writers of ``path`` killed mid-write (SIGKILL, power loss) left behind.
+
+    Temp files are named ``.<name>.<host>-<pid>.<random>.tmp``; one is stale when it was made on this machine by
+    a process that no longer exists. Temp files of live processes (a concurrent writer) and of other machines
+    are left alone. Best effort: errors are ignored.
+    """
+    prefix, host = f".{path.name}.", _host_tag()
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        owner = name[len(prefix):].split(".", 1)[0]
+        tag, _, pid = owner.partition("-")
+        if tag != host or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(entry.path)
 
 
 def _atomic_write(path: str | os.PathLike[str], writer: Callable[[IO[bytes]], None], what: str) -> None:
     """Write via ``writer(fileobj)`` to a temp file next to ``path``, fsync, then ``os.replace``.
 
-    On any error the temp file is removed and the previous content of ``path`` (if any) is kept.
-    ``OSError`` is re-raised with a message that names ``path``; other exceptions propagate as is.
+    On any error the temp file is removed and the previous content of ``path`` (if any) is kept. A process
+    killed mid-write (SIGKILL) cannot remove its temp file ``.<name>.<host>-<pid>.<random>.tmp``; the next write
+    of the same ``path`` deletes such leftovers of dead processes. ``OSError`` is re-raised with a message that
+    names ``path``; other exceptions propagate as is.
     """
     path = Path(path)
     tmp: str | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):  # a file stands where a folder of the path should be
+            blocker = next((p for p in (path.parent, *path.parent.parents) if p.exists() and not p.is_dir()),
+                           path.parent)
+            raise NotADirectoryError(errno.ENOTDIR, f"{blocker} is a file, not a folder") from None
+        _remove_stale_temps(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             writer(f)
             f.flush()
