@@ -711,10 +711,25 @@ def interpretation(report: dict[str, Any]) -> list[str]:
     pairs: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
     for r in rows:
         pairs.setdefault((r["group"], r["variant"], r["batch"]), {})[r["mode"]] = r
+    no_bn = {g["name"] for g in report["groups"] if g.get("base_analysis") and not g["base_analysis"]["batchnorms"]}
     for m in ("fold", "compile", "onnx"):
-        v = [d[m]["speedup"] / d["eager"]["speedup"] for d in pairs.values() if "eager" in d and m in d]
+        v = [
+            d[m]["speedup"] / d["eager"]["speedup"]
+            for k, d in pairs.items()
+            if "eager" in d and m in d and not (m == "fold" and k[0] in no_bn)
+        ]
         if v:
             fixes.append(f"{MODE_TITLES[m]} multiplies the eager speed-up by {_factor(v)}")
+    same = [
+        d["fold"]["speedup"] / d["eager"]["speedup"]
+        for k, d in pairs.items()
+        if k[0] in no_bn and "fold" in d and "eager" in d
+    ]
+    if same:
+        out.append(
+            f"Noise check: {', '.join(sorted(no_bn))} has no BatchNorm, so its 'BN folded' runs repeat eager; the two "
+            f"speed-ups differ by a factor {_range(same)}, which is the run-to-run noise of this machine."
+        )
     rr = [r for r in rows if " r" in r["variant"]]
     if rr:
         by = {(r["group"], r["variant"], r["batch"], r["mode"]): r for r in rows}
