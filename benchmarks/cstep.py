@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _machine import cpu_model, load_average
 from torch import nn
 
 import ltc
@@ -50,33 +51,16 @@ SIZE = 224
 DEFAULT_MODELS = ("resnet50", "resnet34", "vgg16")
 
 
-def _load() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine() -> dict[str, Any]:
     return {
         "platform": platform.platform(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
-        "load_average_1m_at_start": _load(),
+        "load_average_1m_at_start": load_average(),
     }
 
 
@@ -124,7 +108,7 @@ def time_cstep(name: str, target: float, repeats: int) -> dict[str, Any]:
         "cstep_history_s": inner,
         "median_step_s": statistics.median(walls),
         "median_step_cpu_s": statistics.median(cpus),
-        "load_average_1m": _load(),
+        "load_average_1m": load_average(),
     }
 
 
@@ -250,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     if r50:
         worst = max(r["median_step_s"] for r in r50)
         report["requirement"] = "PASS" if worst < LIMIT_S else f"FAIL ({worst:.2f} s)"
-    report["load_average_1m_at_end"] = _load()
+    report["load_average_1m_at_end"] = load_average()
     md = markdown(report)
     out = Path(args.out)
     _atomic_write(out / "cstep.json", json.dumps(report, indent=2) + "\n")

@@ -76,6 +76,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _machine import cpu_model, load_average
 from torch import Tensor, nn
 
 import ltc
@@ -103,23 +104,6 @@ SIZE = 224
 # ============================================================================ machine
 
 
-def _load() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _version(module: str) -> str | None:
     try:
         return str(__import__(module).__version__)
@@ -130,7 +114,7 @@ def _version(module: str) -> str | None:
 def machine(threads: int) -> dict[str, Any]:
     return {
         "platform": platform.platform(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -139,7 +123,7 @@ def machine(threads: int) -> dict[str, Any]:
         "threads": threads,
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
-        "load_average_1m_at_start": _load(),
+        "load_average_1m_at_start": load_average(),
     }
 
 
@@ -1029,14 +1013,14 @@ def _measure_case(
                 "warmup_rounds": warm,
                 "compile_s_base": compile_s[0],
                 "compile_s": compile_s[k],
-                "load_average_1m": _load(),
+                "load_average_1m": load_average(),
             }
         )
         report["results"].append(row)
         print(
             f"  {g.name} {v.label} b{b} {mode:8s}: base {_ms(sb['median_ms'])} ms, compressed "
             f"{_ms(sc['median_ms'])} ms -> {speed:.2f}x (SR {v.sr:.2f}, {speed / v.sr:.2f} of SR), "
-            f"{len(times_by[0])} rounds, load {_load()}",
+            f"{len(times_by[0])} rounds, load {load_average()}",
             flush=True,
         )
 
@@ -1184,7 +1168,7 @@ def main(argv: list[str] | None = None) -> int:
     groups: list[Group] = []
 
     def write() -> None:
-        report["load_average_1m_at_end"] = _load()
+        report["load_average_1m_at_end"] = load_average()
         report["elapsed_s"] = time.perf_counter() - t_start
         _write(report, out, stem, groups)
 
