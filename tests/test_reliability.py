@@ -843,16 +843,21 @@ def _fuzzy(text: str) -> str:
     return re.sub(r"\d+(\.\d+)?(e[+-]?\d+)?|\bnan\b|\binf\b", "#", text)
 
 
+README = REPO / "README.md"
+
+
 def test_bad_inputs_table_is_current(tmp_path: Path) -> None:
-    """docs/bad_inputs.md shows what ltc prints today (numbers aside, which training may change)."""
+    """docs/bad_inputs.md and the README's copy show what ltc prints today (numbers aside, which training may
+    change)."""
     table = bad_inputs_markdown(bad_input_rows(tmp_path))
-    doc = DOC.read_text(encoding="utf-8")
-    assert DOC_START in doc and DOC_END in doc
-    documented = doc.split(DOC_START, 1)[1].split(DOC_END, 1)[0].strip()
-    got, want = _fuzzy(table.strip()).splitlines(), _fuzzy(documented).splitlines()
-    diff = [f"doc: {w}\nnow: {g}" for w, g in zip(want, got, strict=False) if w != g]
-    hint = "docs/bad_inputs.md is out of date; regenerate it with `python tests/test_reliability.py`"
-    assert len(got) == len(want) and not diff, hint + "\n" + "\n".join(diff[:5])
+    for path in (DOC, README):
+        doc = path.read_text(encoding="utf-8")
+        assert DOC_START in doc and DOC_END in doc, f"{path.name} lacks the bad-input table markers"
+        documented = doc.split(DOC_START, 1)[1].split(DOC_END, 1)[0].strip()
+        got, want = _fuzzy(table.strip()).splitlines(), _fuzzy(documented).splitlines()
+        diff = [f"doc: {w}\nnow: {g}" for w, g in zip(want, got, strict=False) if w != g]
+        hint = f"{path.name}'s bad-input table is out of date; regenerate it with `python tests/test_reliability.py`"
+        assert len(got) == len(want) and not diff, hint + "\n" + "\n".join(diff[:5])
 
 
 if __name__ == "__main__":
@@ -863,4 +868,7 @@ if __name__ == "__main__":
         table = bad_inputs_markdown(bad_input_rows(Path(d)))
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(DOC_HEAD + DOC_START + "\n" + table + DOC_END + "\n", encoding="utf-8")
-    print(f"wrote {DOC}")
+    readme = README.read_text(encoding="utf-8")
+    head, rest = readme.split(DOC_START, 1)
+    README.write_text(head + DOC_START + "\n" + table + DOC_END + rest.split(DOC_END, 1)[1], encoding="utf-8")
+    print(f"wrote {DOC} and the table in {README}")
