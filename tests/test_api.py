@@ -19,14 +19,6 @@ from ltc.api import CHECKPOINT_NAME, CompressConfig, Result, compress
 from ltc.layers import LowRankLinear, MatrixLowRankConv2d, Tucker2Conv2d
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --------------------------------------------------------------------------------------------- data, model
 def make_data(n: int = 64, seed: int = 0) -> TensorDataset:
     """Four classes of 1x16x16 images: a class prototype plus noise."""

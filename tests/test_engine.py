@@ -28,15 +28,6 @@ from ltc.engine import LCEngine
 SETTINGS = settings(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: extra threads only add latency on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --------------------------------------------------------------------------------------------- models
 class Net(nn.Module):
     """Several convs of different kinds: kxk with bias, strided, 1x1 (LTC's matrix scheme), a rectangular

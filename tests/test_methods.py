@@ -25,15 +25,6 @@ from ltc.vbmf import evbmf, vbmf_tucker2_ranks
 SETTINGS = settings(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: extra threads only add latency on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --------------------------------------------------------------------------------------------- models
 class Net(nn.Module):
     """kxk conv with bias, a strided conv, a 1x1 conv (matrix scheme in LTC), a rectangular kernel, a head."""

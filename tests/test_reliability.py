@@ -39,14 +39,6 @@ DOC = REPO / "docs" / "bad_inputs.md"
 TOTAL_EPOCHS = 3 * 1 + 2  # the worker's compress run: 3 LC steps x 1 epoch + 2 fine-tuning epochs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ============================================================================================ helpers
 def temp_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.name.endswith(".tmp") or ".tmp." in p.name)

@@ -33,7 +33,15 @@ from .cost import Profile, format_count, profile
 from .engine import LCEngine
 from .methods import get_method
 from .surgery import unwrap
-from .train import NonFiniteLossError, evaluate, load_error_reason, make_optimizer, make_scheduler, train_one_epoch
+from .train import (
+    NonFiniteLossError,
+    evaluate,
+    load_error_reason,
+    make_optimizer,
+    make_scheduler,
+    prepare_loader_epoch,
+    train_one_epoch,
+)
 from .utils import atomic_torch_save, get_rng_state, is_main_process, resolve_device, set_rng_state, world_size
 
 __all__ = ["CompressConfig", "Result", "compress", "full_ranks"]
@@ -263,13 +271,11 @@ def _seed_epoch(loader: Iterable[Any], seed: int, epoch: int) -> None:
     """Make epoch ``epoch``'s shuffling and augmentation a function of (seed, epoch) alone, so a resumed run
     sees the same batches as an uninterrupted one."""
     s = (seed * 1_000_003 + epoch) % (2**63)
-    torch.manual_seed(s)
+    torch.manual_seed(s)  # augmentation in the main process (workers=0) draws from the global RNG
+    prepare_loader_epoch(loader, epoch, seed=None)  # samplers with set_epoch
     gen = getattr(loader, "generator", None)
     if isinstance(gen, torch.Generator):
         gen.manual_seed(s)
-    sampler = getattr(loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
 
 
 def _acc(model: nn.Module, loader: DataLoader | None, device: torch.device, cfg: CompressConfig) -> float | None:

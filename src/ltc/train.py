@@ -265,7 +265,7 @@ class EpochSeededSampler(Sampler[int]):
         return self.n
 
 
-def _prepare_loader_epoch(loader: Iterable[Any], epoch: int, seed: int | None) -> None:
+def prepare_loader_epoch(loader: Iterable[Any], epoch: int, seed: int | None) -> None:
     """Make the data order of ``epoch`` (0-based) a function of ``(seed, epoch)`` where possible.
 
     Calls ``sampler.set_epoch(epoch)`` when the sampler has it (EpochSeededSampler,
@@ -285,6 +285,19 @@ def _prepare_loader_epoch(loader: Iterable[Any], epoch: int, seed: int | None) -
 
 
 # --------------------------------------------------------------------------- loops
+
+
+def _prepare_model(
+    model: nn.Module, device: str | torch.device, channels_last: bool, amp: bool | str
+) -> tuple[torch.device, bool, torch.dtype | None]:
+    """Move ``model`` to ``device`` (channels-last memory format only on CUDA); return the device, whether
+    channels-last is in force and the autocast dtype (``None``: full precision)."""
+    dev = resolve_device(device)
+    model.to(dev)
+    channels_last = channels_last and dev.type == "cuda"
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return dev, channels_last, _amp_dtype(amp, dev)
 
 
 def _amp_dtype(amp: bool | str, device: torch.device) -> torch.dtype | None:
@@ -364,13 +377,7 @@ def train_one_epoch(
     Raises:
         NonFiniteLossError: when the total loss of a batch is NaN/inf (before ``optimizer.step()``).
     """
-    dev = resolve_device(device)
-    model.to(dev)
-    cuda = dev.type == "cuda"
-    channels_last = channels_last and cuda
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    amp_dtype = _amp_dtype(amp, dev)
+    dev, channels_last, amp_dtype = _prepare_model(model, device, channels_last, amp)
     if amp_dtype == torch.float16 and scaler is None:
         scaler = torch.amp.GradScaler("cuda")
     use_scaler = amp_dtype == torch.float16 and scaler is not None
@@ -399,7 +406,7 @@ def train_one_epoch(
         for i, batch in enumerate(bar):
             inputs, targets = _split_batch(batch)
             inputs = _to_device(inputs, dev, channels_last)
-            targets = targets.to(dev, non_blocking=cuda)
+            targets = targets.to(dev, non_blocking=dev.type == "cuda")
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type=dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 outputs = model(inputs)
@@ -479,13 +486,7 @@ def evaluate(
     The model is moved to ``device`` and put in eval mode; the train/eval flag of every submodule
     is restored afterwards (also on error).
     """
-    dev = resolve_device(device)
-    model.to(dev)
-    cuda = dev.type == "cuda"
-    channels_last = channels_last and cuda
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    amp_dtype = _amp_dtype(amp, dev)
+    dev, channels_last, amp_dtype = _prepare_model(model, device, channels_last, amp)
     if criterion is None:
         criterion = nn.CrossEntropyLoss()
     modes = [(m, m.training) for m in model.modules()]
@@ -509,7 +510,7 @@ def evaluate(
             for batch in bar:
                 inputs, targets = _split_batch(batch)
                 inputs = _to_device(inputs, dev, channels_last)
-                targets = targets.to(dev, non_blocking=cuda)
+                targets = targets.to(dev, non_blocking=dev.type == "cuda")
                 with torch.autocast(
                     device_type=dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
                 ):
@@ -808,7 +809,7 @@ def fit(
 
     for e in range(start_epoch, epochs):
         t0 = time.perf_counter()
-        _prepare_loader_epoch(train_loader, e, seed)
+        prepare_loader_epoch(train_loader, e, seed)
         lr = _current_lr(optimizer)
         try:
             tr = train_one_epoch(
