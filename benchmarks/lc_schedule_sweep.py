@@ -39,7 +39,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality as Q  # noqa: E402  (sets the BLAS thread environment before torch/numpy load)
 import torch  # noqa: E402
 
-from ltc.api import CompressConfig  # noqa: E402
 from ltc.utils import atomic_write_text  # noqa: E402
 
 
@@ -64,6 +63,7 @@ def variants(grid: str, c: dict[str, Any], mu_auto: float) -> list[dict[str, Any
     for f in facs:
         add("mu_final", f"mu_final={f:g}x auto ({f * mu_auto:.3g})", mu_final=f * mu_auto)
     add("mu_final", "growth=1.25 fixed", mu_growth=1.25)
+    add("weighting", "absolute layer errors", weighting="absolute")
     # split of the fixed budget between LC epochs and fine-tuning (1 epoch per L step)
     splits = [(max(1, lc // 2), budget - max(1, lc // 2))]
     if grid == "full":
@@ -190,10 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     base, info = Q.train_base(ds, args.model, d, settings, args.seed, args.cache)
 
     c = settings["compress"]
-    kw0 = Q.compress_kwargs(settings, args.seed)
-    mu_auto = CompressConfig(method="ltc", target_sr=args.target,
-                             **{k: v for k, v in kw0.items() if k != "seed"}).resolve_schedule(
-        len(d.train_loader)).mu_final
+    mu_auto = Q.auto_schedule(base, d, settings, args.seed, args.target).mu_final
     plan = variants(args.profile, c, float(mu_auto))
     if args.only:
         plan = [v for v in plan if v["axis"] in args.only or v["axis"] == "baseline"]

@@ -440,6 +440,15 @@ def run_row(spec: dict[str, Any], base: nn.Module, base_info: dict[str, Any], d:
     return row
 
 
+def auto_schedule(base: nn.Module, d: Data, settings: dict[str, Any], seed: int, target: float) -> CompressConfig:
+    """The profile's ``ltc`` config at ``target`` with the μ path ``ltc.compress`` picks for ``base`` (the
+    automatic ``mu_final`` depends on the engine's layer weights)."""
+    kw = {k: v for k, v in compress_kwargs(settings, seed).items() if k != "seed"}
+    cfg = CompressConfig(method="ltc", target_sr=target, **kw)
+    eng = get_method("ltc").build(copy.deepcopy(base), example_input(d), **cfg.resolve_schedule(None).engine_kwargs())
+    return cfg.resolve_schedule(len(d.train_loader), eng.scale_range)
+
+
 def lambda_grid(base: nn.Module, d: Data, settings: dict[str, Any], seed: int
                 ) -> tuple[list[float], dict[str, Any], dict[str, Any]]:
     """λ values and schedule for the λ sweep.
@@ -452,9 +461,7 @@ def lambda_grid(base: nn.Module, d: Data, settings: dict[str, Any], seed: int
     SRs then land near those (reference: 2.32, 5.09 and 25.5 for 2, 5 and 20), and the rows trace λ against
     accuracy, params and MACs as the slides' figure does."""
     sw = settings["sweep"]
-    kw = compress_kwargs(settings, seed)
-    cfg = CompressConfig(method="ltc", target_sr=float(sw["sr_range"][0]),
-                         **{k: v for k, v in kw.items() if k != "seed"}).resolve_schedule(len(d.train_loader))
+    cfg = auto_schedule(base, d, settings, seed, float(sw["sr_range"][0]))
     mu = float(cfg.mu_final)
     x = example_input(d)
     lo, hi = (float(v) for v in sw["sr_range"])

@@ -23,7 +23,7 @@ from torch import nn
 
 import ltc
 from ltc import models
-from ltc.engine import LCEngine
+from ltc.engine import WEIGHTINGS, LCEngine
 
 SETTINGS = settings(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
@@ -162,9 +162,10 @@ def _brute_force_check(
     kind: str,
     min_rank: int,
     matrix_convs: bool,
+    weights: dict[str, float] | None = None,
 ) -> dict[str, object]:
-    """Assert that ``comp``'s ranks, errors and Θ are those of the brute-force argmin on ``z``; return the
-    brute-force ranks."""
+    """Assert that ``comp``'s ranks, errors and Θ are those of the brute-force argmin on ``z`` of
+    ``λ·C/C_ref + μ/2·w·err`` (``weights``: the layers' ``w``, default 1); return the brute-force ranks."""
     shp = _shapes(model, x)
     mods = dict(model.named_modules())
     k = 0 if kind == "params" else 1
@@ -175,10 +176,11 @@ def _brute_force_check(
         zn = z[n].detach().to(torch.float64).numpy()
         opts = _options(mods[n], shp[n], zn, min_rank, matrix_convs)
         opts.append((None, dense[n][0], dense[n][1], 0.0, zn))
-        obj = [lam * o[1 + k] / c_ref + 0.5 * mu * o[3] for o in opts]
+        wn = 1.0 if weights is None else weights[n]
+        obj = [lam * o[1 + k] / c_ref + 0.5 * mu * wn * o[3] for o in opts]
         best = min(obj)
         energy = float((zn**2).sum())
-        tol = 1e-9 * (abs(best) + mu * energy + 1e-300)
+        tol = 1e-9 * (abs(best) + mu * wn * energy + 1e-300)
         winners = [o[0] for o, v in zip(opts, obj, strict=True) if v <= best + tol]
         chosen = comp.ranks[n]
         assert chosen in winners, (n, chosen, winners, lam, mu, kind)
@@ -210,17 +212,28 @@ def _cost_of(comp: LCEngine, kind: str) -> int:
     kind=st.sampled_from(["macs", "params"]),
     min_rank=st.integers(1, 2),
     lrc=st.booleans(),
+    relative=st.booleans(),
     seed=st.integers(0, 2**20),
 )
-def test_c_step_is_the_brute_force_argmin(cin, a, b, c, d, k1, bias, log_lam, log_mu, kind, min_rank, lrc, seed):
+def test_c_step_is_the_brute_force_argmin(
+    cin, a, b, c, d, k1, bias, log_lam, log_mu, kind, min_rank, lrc, relative, seed
+):
     lam, mu = 10.0**log_lam, 10.0**log_mu
     model = _net(seed, cin=cin, a=a, b=b, c=c, d=d, k1=k1, bias=bias)
+    with torch.no_grad():  # layers of very different weight scales, as BatchNorm allows
+        for i, name in enumerate(("c1", "c2", "c3", "c4", "fc")):
+            getattr(model, name).weight.mul_(4.0 ** (i - 2))
     x = torch.randn(1, cin, 9, 9)
     cls = ltc.LRC if lrc else ltc.LTC
-    comp = cls(model, x, lam=lam, mu0=mu, cost=kind, compress_linear=True, min_rank=min_rank, mu_growth=1.5)
+    weighting = "relative" if relative else "absolute"
+    comp = cls(model, x, lam=lam, mu0=mu, cost=kind, compress_linear=True, min_rank=min_rank, mu_growth=1.5,
+               weighting=weighting)
     assert set(comp.ranks) == {"c1", "c2", "c3", "c4", "fc"}
     z0 = {n: s.weight.detach().clone() for n, s in comp.layers.items()}
-    _brute_force_check(comp, model, x, z0, lam, mu, kind, min_rank, lrc)
+    # w_k = mean_j ‖W_j‖² / ‖W_k‖² on the reference weights (relative), else 1
+    sq = {n: float(z0[n].double().square().sum()) for n in z0}
+    w = {n: (sum(sq.values()) / len(sq)) / sq[n] if relative else 1.0 for n in z0}
+    _brute_force_check(comp, model, x, z0, lam, mu, kind, min_rank, lrc, w)
 
     # An L step moves W; step() runs a C step at μ0 with φ = 0, then φ ← -μ0 (W - Θ), μ ← 1.5 μ0.
     gen = torch.Generator().manual_seed(seed + 1)
@@ -235,12 +248,67 @@ def test_c_step_is_the_brute_force_argmin(cin, a, b, c, d, k1, bias, log_lam, lo
     assert mu1 == pytest.approx(1.5 * mu)
     phi1 = {n: s.phi.clone() for n, s in comp.layers.items()}
     w2 = {n: s.weight.detach().clone() for n, s in comp.layers.items()}
-    z1 = {n: w2[n] - phi1[n] / mu1 for n in comp.layers}  # the SPEC's Z = W - φ/μ
+    z1 = {n: w2[n] - phi1[n] / (mu1 * w[n]) for n in comp.layers}  # the SPEC's Z = W - φ/μ, μ_k = μ w_k
     comp.step()
-    _brute_force_check(comp, model, x, z1, lam, mu1, kind, min_rank, lrc)
-    for n, s in comp.layers.items():  # multipliers: φ ← φ - μ (W - Θ)
-        torch.testing.assert_close(s.phi, phi1[n] - mu1 * (w2[n] - s.theta), rtol=1e-5, atol=1e-6)
+    _brute_force_check(comp, model, x, z1, lam, mu1, kind, min_rank, lrc, w)
+    for n, s in comp.layers.items():  # multipliers: φ ← φ - μ w (W - Θ)
+        torch.testing.assert_close(s.phi, phi1[n] - mu1 * w[n] * (w2[n] - s.theta), rtol=1e-5, atol=1e-5)
     assert comp.mu == pytest.approx(1.5 * mu1)
+
+
+@settings(SETTINGS, max_examples=25)
+@given(
+    log_scales=st.lists(st.floats(-3, 3), min_size=4, max_size=4),
+    target=st.sampled_from([2.0, 4.0]),
+    lrc=st.booleans(),
+    seed=st.integers(0, 2**20),
+)
+def test_relative_weighting_ignores_each_layers_weight_scale(log_scales, target, lrc, seed):
+    """With BatchNorm after a conv, scaling its weights changes nothing the network computes; with
+    ``weighting='relative'`` it changes nothing the budget-mode C step chooses either (same ranks, Θ scaled
+    alike). (In λ mode the common factor ``mean_j ‖W_j‖²`` acts like a change of μ, as with absolute errors.)"""
+    model = _net(seed, a=6, b=7, c=5)
+    scaled = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, ls in zip(("c1", "c2", "c3", "c4"), log_scales, strict=True):
+            getattr(scaled, name).weight.mul_(10.0**ls)
+    cls = ltc.LRC if lrc else ltc.LTC
+    a = cls(model, X_NET, mu0=0.1, weighting="relative", target_sr=target)
+    b = cls(scaled, X_NET, mu0=0.1, weighting="relative", target_sr=target)
+    assert a.ranks == b.ranks
+    for (name, sa), ls in zip(a.layers.items(), log_scales, strict=True):
+        sb = b.layers[name]
+        torch.testing.assert_close(sb.theta, sa.theta * 10.0**ls, rtol=1e-4, atol=1e-6 * 10.0**ls)
+        assert sb.err == pytest.approx(sa.err * 100.0**ls, rel=1e-6, abs=1e-12 * 100.0**ls)
+
+
+def test_absolute_weighting_starves_small_scale_layers():
+    """The failure ``'relative'`` mends: under ``'absolute'`` a layer whose weights are 100x smaller gets
+    min_rank at a budget where ``'relative'`` gives it more."""
+    model = _net(5, a=8, b=8, c=6, d=6)
+    with torch.no_grad():
+        model.c2.weight.mul_(0.01)
+    ranks = {w: ltc.LTC(model, X_NET, target_sr=3.0, mu0=0.1, weighting=w).ranks["c2"] for w in WEIGHTINGS}
+    assert ranks["absolute"] == (1, 1)
+    assert ranks["relative"] != (1, 1)
+
+
+def test_penalty_is_the_weighted_augmented_term():
+    """``penalty() = μ/2 Σ w_k ‖W_k − Θ_k − φ_k/(μ w_k)‖²`` with ``w_k = mean_j ‖W_j‖² / ‖W_k‖²``."""
+    model = _net(2, a=6, b=7, c=5)
+    comp = ltc.LTC(model, X_NET, lam=0.05, mu0=0.1, weighting="relative")
+    sq = {n: float(s.weight.detach().double().square().sum()) for n, s in comp.layers.items()}
+    w = {n: sum(sq.values()) / len(sq) / sq[n] for n in sq}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    comp.step()
+    expect = 0.5 * comp.mu * sum(
+        w[n] * float((s.weight.detach().double() - s.theta.double() - s.phi.double() / (comp.mu * w[n])).square().sum())
+        for n, s in comp.layers.items()
+    )
+    assert float(comp.penalty()) == pytest.approx(expect, rel=1e-5)
+    assert {n: s.scale for n, s in comp.layers.items()} == pytest.approx(w, rel=1e-9)
 
 
 @pytest.mark.parametrize("kind", ["macs", "params"])
@@ -257,7 +325,8 @@ def test_c_step_regimes_dense_min_rank_and_mixed(kind):
         (0.05, 0.003, 1, None),
         (0.3, 0.03, 2, None),
     ]:
-        comp = ltc.LTC(model, X_NET, lam=lam, mu0=mu, cost=kind, compress_linear=True, min_rank=min_rank)
+        comp = ltc.LTC(model, X_NET, lam=lam, mu0=mu, cost=kind, compress_linear=True, min_rank=min_rank,
+                       weighting="absolute")
         z = {n: s.weight.detach().clone() for n, s in comp.layers.items()}
         _brute_force_check(comp, model, X_NET, z, lam, mu, kind, min_rank, False)
         r = comp.ranks
@@ -440,14 +509,14 @@ def _check_deployed(comp: LCEngine, model: nn.Module, x: torch.Tensor) -> None:
 
 def test_compressed_model_equals_theta_weights_net():
     model = _net(4, a=8, b=8, c=6, d=6)
-    comp = ltc.LTC(model, X_NET, lam=1.0, mu0=0.1, compress_linear=True)
+    comp = ltc.LTC(model, X_NET, lam=1.0, mu0=0.1, compress_linear=True, weighting="absolute")
     kinds = {type(r) for r in comp.ranks.values()}
     assert kinds == {tuple, int, type(None)}  # Tucker-2, matrix/SVD and dense layers all present
     _check_deployed(comp, model, X_NET)
     _noise_step(comp, model, torch.Generator().manual_seed(0), scale=0.2)  # φ ≠ 0: dense layers keep W ≠ Θ
     _check_deployed(comp, model, X_NET)
     # factors rebuilt from Θ alone (after a state round trip) deploy the same network
-    fresh = ltc.LTC(model, X_NET, lam=1.0, mu0=0.1, compress_linear=True)
+    fresh = ltc.LTC(model, X_NET, lam=1.0, mu0=0.1, compress_linear=True, weighting="absolute")
     fresh.load_state_dict(comp.state_dict())
     _check_deployed(fresh, model, X_NET)
 

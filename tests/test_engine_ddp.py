@@ -112,4 +112,4 @@ def test_ddp_processes_agree_on_ranks_and_theta(tmp_path):
         torch.testing.assert_close(torch.tensor(runs[0][2][n]), torch.tensor(runs[1][2][n]), rtol=1e-4, atol=1e-5)
     for rec in runs[0][:2]:
         assert set(rec["ranks"]) == {"c1", "c2", "c3", "fc"}
-        assert 3.0 <= rec["sr"] <= 3.09
+        assert 3.0 <= rec["sr"] <= 3.15  # target 3 met; one rank step of this 4-layer net is ~5 % of the budget

@@ -236,7 +236,8 @@ def check_lrc_c_step(eng, model: nn.Module, z: dict[str, torch.Tensor], lam: flo
 def test_lrc_first_c_step_is_the_brute_force_argmin(log_lam, log_mu, kind, min_rank, linear, seed, chans):
     lam, mu = 10.0**log_lam, 10.0**log_mu
     net = make_net(seed, a=chans[0], b=chans[1], c=chans[2])
-    eng = get_method("lrc").build(net, X, lam=lam, mu0=mu, cost=kind, min_rank=min_rank, compress_linear=linear)
+    eng = get_method("lrc").build(net, X, lam=lam, mu0=mu, cost=kind, min_rank=min_rank, compress_linear=linear,
+                                  weighting="absolute")
     assert set(eng.layers) == ({"c1", "c2", "c3", "c4"} | ({"fc"} if linear else set()))
     z = {n: s.weight for n, s in eng.layers.items()}
     check_lrc_c_step(eng, net, z, lam, mu, kind, min_rank)
@@ -247,7 +248,7 @@ def test_lrc_c_step_reaches_every_regime():
     seen = set()
     net = make_net(0)
     for lam in (1e-6, 1e-2, 3e-2, 0.1, 0.3, 10.0):
-        eng = get_method("lrc").build(net, X, lam=lam, mu0=0.1, compress_linear=True)
+        eng = get_method("lrc").build(net, X, lam=lam, mu0=0.1, compress_linear=True, weighting="absolute")
         check_lrc_c_step(eng, net, {n: s.weight for n, s in eng.layers.items()}, lam, 0.1, "macs", 1)
         for n, r in eng.ranks.items():
             full = min(eng.layers[n].weight.shape[0], eng.layers[n].weight[0].numel())
@@ -267,7 +268,7 @@ def test_lrc_c_step_reaches_every_regime():
 def test_lrc_c_step_after_steps_with_nonzero_multipliers(log_lam, log_mu, growth, kind, seed, noise):
     lam, mu = 10.0**log_lam, 10.0**log_mu
     net = make_net(seed)
-    eng = get_method("lrc").build(net, X, lam=lam, mu0=mu, mu_growth=growth, cost=kind)
+    eng = get_method("lrc").build(net, X, lam=lam, mu0=mu, mu_growth=growth, cost=kind, weighting="absolute")
     gen = torch.Generator().manual_seed(seed + 100)
 
     def l_step() -> dict[str, torch.Tensor]:  # stands in for SGD: move the weights

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import ltc.api
+import ltc.engine
 import ltc.train
 import ltc.utils
 from ltc import io as ltc_io
@@ -474,7 +475,7 @@ def test_resume_refuses_foreign_checkpoints(finished_checkpoint: Path, tmp_path:
         ("truncated", tmp_path / "t" / CHECKPOINT_NAME, {}, "cannot be read ("),
         ("engine", _resaved(finished_checkpoint, tmp_path / "e", engine={
             **torch.load(finished_checkpoint, weights_only=True)["engine"], "version": 7}), {},
-         "engine state version 7 is not this ltc's (1)"),
+         f"engine state version 7 is not this ltc's ({ltc.engine.ENGINE_STATE_VERSION})"),
     ]
     (tmp_path / "fit").mkdir()
     fit(small(), loader(), epochs=1, checkpoint_path=tmp_path / "fit" / CHECKPOINT_NAME, progress=False)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from .cost import Profile, format_count, profile
-from .engine import LCEngine
+from .engine import WEIGHTINGS, LCEngine
 from .methods import get_method
 from .surgery import unwrap
 from .train import (
@@ -51,7 +51,7 @@ CHECKPOINT_FORMAT = "ltc-compress"
 CHECKPOINT_VERSION = 1
 # settings that decide which ranks a run learns: resuming a checkpoint with other values is refused
 _IDENTITY_KEYS = ("method", "lam", "target_sr", "cost", "include", "exclude", "compress_linear", "min_rank",
-                  "method_options")
+                  "weighting", "method_options")
 
 
 @dataclass
@@ -60,12 +60,14 @@ class CompressConfig:
 
     Rank selection: ``method``, ``lam`` or ``target_sr`` (exactly one for ``ltc``/``lrc``/``oneshot``),
     ``cost`` ('macs' or 'params'), layer globs, ``compress_linear``, ``min_rank``, ``n_iter`` (HOOI sweeps),
+    ``weighting`` ('relative' or 'absolute' layer errors, see :class:`~ltc.engine.LCEngine`),
     ``method_options`` (e.g. ``{"weaken": 0.5}`` for vbmf, ``{"fraction": 0.3}`` for uniform).
     LC schedule: ``mu0``, ``mu_growth``, ``steps`` C steps, ``epochs_per_step`` epochs per L step at learning
     rate ``lr`` decayed by ``lr_decay`` per epoch and restarted each L step. ``mu_growth=None`` (default) grows
     μ geometrically from ``mu0`` to ``mu_final`` at the last L step; ``mu_final=None`` (default) picks the μ at
     which one L step's penalty pull, ``exp(-lr_eff·μ·iterations)`` with ``lr_eff = lr/(1 − momentum)``,
-    closes the gap ``W − Θ`` by a factor ``e^5`` (capped at ``lr_eff·μ ≤ 0.5`` for stability). Otherwise a short
+    closes the gap ``W − Θ`` by a factor ``e^5`` in the layer pulled least (capped at ``lr_eff·μ·w_k ≤ 2`` in the
+    layer pulled most, for stability; ``w_k``: the engine's layer weights, see ``weighting``). Otherwise a short
     run ends with μ too small for the weights to reach their low-rank projection, and the deployed network
     (built from Θ) loses what training learned.
     Fine-tuning: ``finetune_epochs`` at ``finetune_lr`` with a cosine schedule.
@@ -84,6 +86,7 @@ class CompressConfig:
     mu_growth: float | None = None
     mu_final: float | None = None
     tol: float = 1e-3
+    weighting: str = "relative"
     method_options: dict[str, Any] = field(default_factory=dict)
     steps: int = 10
     epochs_per_step: int = 1
@@ -139,6 +142,8 @@ class CompressConfig:
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
         if not (_is_number(self.tol) and self.tol >= 0):
             raise ValueError(f"tol must be a number >= 0, got {self.tol!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if str(self.optimizer).lower() not in ("sgd", "adam", "adamw"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose 'sgd', 'adam' or 'adamw'")
         if not (_is_number(self.momentum) and 0 <= self.momentum < 1):
@@ -155,25 +160,37 @@ class CompressConfig:
 
     def engine_kwargs(self) -> dict[str, Any]:
         keys = ("lam", "target_sr", "cost", "include", "exclude", "compress_linear", "min_rank", "n_iter",
-                "mu0", "mu_growth", "tol")
+                "mu0", "mu_growth", "tol", "weighting")
         kw = {k: getattr(self, k) for k in keys}
         return {**kw, **self.method_options}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def resolve_schedule(self, iters_per_epoch: int | None) -> CompressConfig:
-        """A copy with ``mu_growth`` (and ``mu_final``) filled in; see the class docstring."""
+    def resolve_schedule(
+        self, iters_per_epoch: int | None, scale_range: tuple[float, float] = (1.0, 1.0)
+    ) -> CompressConfig:
+        """A copy with ``mu_growth`` (and ``mu_final``) filled in; see the class docstring.
+
+        ``scale_range``: the smallest and largest layer weight ``w_k`` of the engine (its layer ``k`` is pulled
+        with ``μ·w_k``): the automatic ``mu_final`` closes the slowest layer's gap, within the stability cap
+        of the fastest."""
         if self.mu_growth is not None:
             return self
         lr_eff = self.lr / (1.0 - self.momentum) if self.optimizer == "sgd" and self.momentum < 1 else self.lr
+        w_min, w_max = scale_range
         mu_final = self.mu_final
         if mu_final is None:
             iters = max(1, (iters_per_epoch or 100) * self.epochs_per_step)
-            mu_final = min(5.0 / (lr_eff * iters), 0.5 / lr_eff)
+            mu_final = min(5.0 / (lr_eff * iters * w_min), MAX_PULL / (lr_eff * w_max))
         mu_final = max(float(mu_final), self.mu0)
         growth = (mu_final / self.mu0) ** (1.0 / (self.steps - 1)) if self.steps > 1 else 1.0
         return dataclasses.replace(self, mu_growth=growth, mu_final=mu_final)
+
+
+# Largest lr_eff·μ·w_k the automatic schedule allows: plain SGD with Nesterov momentum 0.9 on the penalty alone
+# is stable up to lr·μ·w_k ≈ 1.36, i.e. lr_eff·μ·w_k ≈ 13.6; 2 leaves room for the loss's own curvature.
+MAX_PULL = 2.0
 
 
 def _is_number(v: Any) -> bool:
@@ -332,6 +349,7 @@ def compress(
         iters_per_epoch: int | None = len(train_loader)
     except TypeError:  # an iterable-style loader has no length
         iters_per_epoch = None
+    auto_mu, user_mu_final = cfg.mu_growth is None, cfg.mu_final
     cfg = cfg.resolve_schedule(iters_per_epoch)
     device = resolve_device(cfg.device)
     t_start = time.perf_counter()
@@ -360,6 +378,10 @@ def compress(
     # the first C step also checks the layer globs, the ranks and the reachability of the target: before any
     # training or evaluation
     engine = method.build(work, example_input, **cfg.engine_kwargs())
+    if auto_mu:  # the automatic μ path, now for the engine's own layer weights w_k
+        cfg = dataclasses.replace(cfg, mu_growth=None, mu_final=user_mu_final).resolve_schedule(
+            iters_per_epoch, engine.scale_range)
+        engine.mu_growth = float(cfg.mu_growth)  # type: ignore[arg-type]
     if base_acc is None and val_loader is not None:
         base_acc = state["base_acc"] if state is not None else _acc(work, val_loader, device, cfg)
     log_rows: list[dict[str, Any]] = []

@@ -8,10 +8,12 @@ Lifecycle, around the user's own training loop::
         comp.step()                                          # C step, multipliers, mu <- a * mu
     small = comp.compressed_model()
 
-The augmented Lagrangian ``Q = L(W) + λ Σ C_k(r_k) + μ/2 Σ ‖W_k − Θ_k − φ_k/μ‖²`` is minimised by alternating
-the L step (SGD on ``L + penalty()``) and the C step, which for each layer picks the rank minimising
-``λ·C_k(r)/C_ref + μ/2·err_k(r)`` over the whole rank grid plus the dense option, on ``Z_k = W_k − φ_k/μ``,
-and sets ``Θ_k`` to the projection of ``Z_k`` at that rank. Budget mode replaces λ by a target SR (or CR)
+The augmented Lagrangian ``Q = L(W) + λ Σ C_k(r_k) + μ/2 Σ w_k ‖W_k − Θ_k − φ_k/(μ w_k)‖²`` is minimised by
+alternating the L step (SGD on ``L + penalty()``) and the C step, which for each layer picks the rank minimising
+``λ·C_k(r)/C_ref + μ/2·w_k·err_k(r)`` over the whole rank grid plus the dense option, on
+``Z_k = W_k − φ_k/(μ w_k)``, and sets ``Θ_k`` to the projection of ``Z_k`` at that rank. The layer weights
+``w_k`` are 1 (``weighting='absolute'``, SPEC §3) or ``mean_j ‖W_j‖² / ‖W_k‖²`` (``'relative'``: errors
+compared relative to each layer's weight scale). Budget mode replaces λ by a target SR (or CR)
 and finds λ each C step. Which layers use which scheme (Tucker-2, matrix, SVD) is decided here once.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import fnmatch
 import heapq
 import logging
@@ -42,14 +45,16 @@ __all__ = ["LCEngine", "LTC", "LRC", "LayerState", "select_layers", "ENGINE_STAT
 
 log = logging.getLogger("ltc")
 
-ENGINE_STATE_VERSION = 1
+ENGINE_STATE_VERSION = 2
+WEIGHTINGS = ("relative", "absolute")
 Rank = int | tuple[int, int] | None
 LayerMap = Callable[[Callable[[str], Any], list[str]], list[Any]]
 
 
 @dataclass
 class LayerState:
-    """Per-layer state of the LC engine. ``rank`` is ``None`` when the dense option won."""
+    """Per-layer state of the LC engine. ``rank`` is ``None`` when the dense option won; ``scale`` is the
+    layer's weight ``w_k`` in the penalty and the C step (its own μ is ``μ·w_k``); ``err`` is unweighted."""
 
     name: str
     module: nn.Module
@@ -60,6 +65,7 @@ class LayerState:
     rank: Rank = None
     factors: Any = None
     err: float = 0.0
+    scale: float = 1.0
     history_ranks: list[Rank] = field(default_factory=list)
 
     @property
@@ -143,6 +149,11 @@ class LCEngine:
         min_rank: smallest rank considered on each axis.
         n_iter: HOOI sweeps when projecting at the chosen ranks (0 = truncated HOSVD).
         tol: ``converged`` once ``‖W − Θ‖/‖W‖ < tol`` and the ranks did not change in the last C step.
+        weighting: how layers' errors compare. ``'relative'`` (default) weights layer ``k``'s penalty and
+            C-step error by ``w_k = mean_j ‖W_j‖² / ‖W_k‖²`` (reference weights), so that rank allocation
+            trades *relative* errors: with BatchNorm a conv's weight scale is arbitrary, and absolute errors
+            would starve the layers whose weights happen to be small. ``'absolute'``: ``w_k = 1`` (SPEC §3
+            as written).
     """
 
     def __init__(
@@ -162,6 +173,7 @@ class LCEngine:
         min_rank: int = 1,
         n_iter: int = 0,
         tol: float = 1e-3,
+        weighting: str = "relative",
     ) -> None:
         if (lam is None) == (target_sr is None):
             raise ValueError("give exactly one of lam (λ, the cost weight) and target_sr (budget mode)")
@@ -177,6 +189,8 @@ class LCEngine:
             raise ValueError(f"mu_growth must be >= 1 (μ increases), got {mu_growth}")
         if int(min_rank) < 1:
             raise ValueError(f"min_rank must be >= 1, got {min_rank}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
         if conv_scheme not in ("tucker2", "matrix"):
             raise ValueError(f"conv_scheme must be 'tucker2' or 'matrix', got {conv_scheme!r}")
         self.model = unwrap(model)
@@ -187,6 +201,7 @@ class LCEngine:
         self.mu0, self.mu_growth = float(mu0), float(mu_growth)
         self.min_rank, self.n_iter, self.tol = int(min_rank), int(n_iter), float(tol)
         self.conv_scheme = conv_scheme
+        self.weighting = weighting
         self.steps_done = 0
         self.history: list[dict[str, Any]] = []
         self._ranks_changed = True
@@ -215,6 +230,11 @@ class LCEngine:
                 scheme = get_scheme("svd")
             w = mod.weight.detach()
             self.layers[name] = LayerState(name, mod, scheme, geoms[name], w.clone(), torch.zeros_like(w))
+        if weighting == "relative":
+            norms = {n: float(s.theta.double().square().sum()) for n, s in self.layers.items()}
+            mean = sum(norms.values()) / len(norms)
+            for n, s in self.layers.items():
+                s.scale = mean / norms[n] if norms[n] > 0 else 1.0
         self.ref_params = sum(dense_cost(s.geometry)[0] for s in self.layers.values())
         self.ref_macs = sum(dense_cost(s.geometry)[1] for s in self.layers.values())
         self.c_ref = float(self.ref_macs if cost == "macs" else self.ref_params)
@@ -265,26 +285,32 @@ class LCEngine:
         return math.sqrt(num / max(den, 1e-300))
 
     @property
+    def scale_range(self) -> tuple[float, float]:
+        """``(min_k w_k, max_k w_k)``: the layers' weights in the penalty (layer ``k`` is pulled with ``μ·w_k``)."""
+        scales = [s.scale for s in self.layers.values()]
+        return min(scales), max(scales)
+
+    @property
     def converged(self) -> bool:
         """True when ``‖W − Θ‖/‖W‖ < tol`` and the last C step changed no rank: the L step can be skipped."""
         return (not self._ranks_changed) and self.distance() < self.tol
 
     # ----------------------------------------------------------------------------------------- L step
     def penalty(self) -> Tensor:
-        """``μ/2 · Σ_k ‖W_k − Θ_k − φ_k/μ‖²``, differentiable in the weights; add it to the training loss."""
+        """``μ/2 · Σ_k w_k ‖W_k − Θ_k − φ_k/(μ w_k)‖²``, differentiable in the weights; add it to the training loss."""
         total: Tensor | None = None
         for s in self.layers.values():
             w = s.weight
             if s.theta.device != w.device:
                 s.theta, s.phi = s.theta.to(w.device), s.phi.to(w.device)
-            d = (w - s.theta - s.phi / self.mu).square().sum()
+            d = s.scale * (w - s.theta - s.phi / (self.mu * s.scale)).square().sum()
             total = d if total is None else total + d
         assert total is not None
         return 0.5 * self.mu * total
 
     # ----------------------------------------------------------------------------------------- C step
     def step(self) -> None:
-        """One C step at the current μ, then ``φ ← φ − μ(W − Θ)`` and ``μ ← mu_growth · μ``.
+        """One C step at the current μ, then ``φ_k ← φ_k − μ w_k (W_k − Θ_k)`` and ``μ ← mu_growth · μ``.
 
         The C step that follows the ``j``-th L step is recorded in ``history`` as step ``j`` (1-based; the
         construction's C step is step 0)."""
@@ -294,12 +320,12 @@ class LCEngine:
             with torch.no_grad():
                 for s in self.layers.values():
                     w = s.weight.detach()
-                    s.phi = s.phi - self.mu * (w - s.theta)
+                    s.phi = s.phi - self.mu * s.scale * (w - s.theta)
         self.mu *= self.mu_growth
 
     def _shifted(self, s: LayerState) -> Tensor:
         w = s.weight.detach()
-        return w - s.phi / self.mu
+        return w - s.phi / (self.mu * s.scale)
 
     @contextlib.contextmanager
     def _layer_map(self) -> Iterator[LayerMap]:
@@ -337,7 +363,7 @@ class LCEngine:
 
         def analyse(name: str) -> tuple[str, Candidates]:
             s = self.layers[name]
-            return name, s.scheme.candidates(shifted[name], s.geometry, self.min_rank)
+            return name, self._candidates(s, shifted[name])
 
         cands = dict(lmap(analyse, order))
         cands = {n: cands[n] for n in self.layers}
@@ -354,7 +380,10 @@ class LCEngine:
             rank = c.rank_of(idx)
             theta, factors = s.scheme.project(z, rank, c.analysis, self.n_iter)
             # HOOI sweeps (n_iter > 0) lower the error below the truncated-HOSVD table's: measure it
-            err = float(c.err[idx]) if self.n_iter == 0 else float((z.double() - theta.double()).square().sum())
+            if self.n_iter == 0:
+                err = float(c.err[idx]) / s.scale
+            else:
+                err = float((z.double() - theta.double()).square().sum())
             return name, (rank, theta, factors, err)
 
         done = dict(lmap(project, order))
@@ -367,6 +396,11 @@ class LCEngine:
         self._ranks_changed = old != self.ranks
         self._record(time.perf_counter() - t0, "C step")
         return cands
+
+    def _candidates(self, s: LayerState, z: Tensor) -> Candidates:
+        """The scheme's candidate table for ``z`` with errors weighted by the layer's ``w_k``."""
+        c = s.scheme.candidates(z, s.geometry, self.min_rank)
+        return c if s.scale == 1.0 else dataclasses.replace(c, err=c.err * s.scale)
 
     def _record(self, seconds: float, what: str) -> None:
         """Append the current state (ranks, errors, costs, SR/CR, ‖W − Θ‖/‖W‖) to ``history`` and log it."""
@@ -476,7 +510,7 @@ class LCEngine:
         """Per layer, the smallest μ at which the C step can choose more than ``min_rank`` at the current λ."""
         out = {}
         for name, s in self.layers.items():
-            c = s.scheme.candidates(self._shifted(s), s.geometry, self.min_rank)
+            c = self._candidates(s, self._shifted(s))
             cost = c.cost(self.cost_kind)
             better = c.err < c.err[0]
             if not bool(better.any()) or self.lam <= 0:
@@ -514,9 +548,11 @@ class LCEngine:
 
     # ----------------------------------------------------------------------------------------- results
     def _factors(self, s: LayerState) -> Any:
-        if s.factors is None:
-            _, s.factors = s.scheme.project(s.theta, s.rank, None, 0)
-        return s.factors
+        """Factors rebuilt from Θ alone (not those of the C step's analysis of Z), so that the deployed network
+        depends only on the state that checkpoints hold: a run resumed from a checkpoint deploys bit-identically
+        to an uninterrupted one."""
+        _, factors = s.scheme.project(s.theta, s.rank, None, 0)
+        return factors
 
     def compressed_model(self) -> nn.Module:
         """A new module: a copy of the model with each compressed layer replaced by its factorised form
@@ -538,6 +574,7 @@ class LCEngine:
             "lam": self.lam,
             "target": self.target,
             "cost": self.cost_kind,
+            "weighting": self.weighting,
             "steps_done": self.steps_done,
             "ranks_changed": self._ranks_changed,
             "history": copy.deepcopy(self.history),
@@ -548,6 +585,7 @@ class LCEngine:
                     "rank": list(s.rank) if isinstance(s.rank, tuple) else s.rank,
                     "scheme": s.scheme.name,
                     "err": s.err,
+                    "scale": s.scale,
                 }
                 for n, s in self.layers.items()
             },
@@ -564,6 +602,11 @@ class LCEngine:
             raise ValueError(
                 f"this engine state was made with cost={state['cost']!r}, this engine uses cost={self.cost_kind!r}; "
                 "build the engine with the same cost"
+            )
+        if state.get("weighting", self.weighting) != self.weighting:
+            raise ValueError(
+                f"this engine state was made with weighting={state['weighting']!r}, this engine uses "
+                f"weighting={self.weighting!r}; build the engine with the same weighting"
             )
         saved = state["layers"]
         if set(saved) != set(self.layers):
@@ -585,7 +628,7 @@ class LCEngine:
             s.theta, s.phi = d["theta"].to(dev).clone(), d["phi"].to(dev).clone()
             r = d["rank"]
             s.rank = tuple(r) if isinstance(r, list) else r
-            s.err, s.factors = float(d["err"]), None
+            s.err, s.factors, s.scale = float(d["err"]), None, float(d["scale"])
         self.mu, self.lam, self.steps_done = float(state["mu"]), float(state["lam"]), int(state["steps_done"])
         self._ranks_changed = bool(state["ranks_changed"])
         self.history = copy.deepcopy(state["history"])

@@ -16,7 +16,7 @@ __all__ = ["Method", "register_method", "get_method", "list_methods", "ENGINE_KE
 
 # Arguments passed through to LCEngine; anything else goes to the method's own options.
 ENGINE_KEYS = ("lam", "target_sr", "cost", "include", "exclude", "compress_linear", "mu0", "mu_growth",
-               "min_rank", "n_iter", "tol")
+               "min_rank", "n_iter", "tol", "weighting")
 
 
 @dataclass(frozen=True)
