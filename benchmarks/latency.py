@@ -377,6 +377,46 @@ def zoo_group(name: str, srs: list[float], round_to: int, decay: float | None) -
     return Group(name, base, shape, variants, f"ltc.models.create({name!r}, num_classes=1000), {weights}")
 
 
+def quality_groups(path: str, methods: list[str], round_to: int) -> list[Group]:
+    """One group per (dataset, model) of a ``benchmarks/quality.py`` results JSON: its base architecture against
+    the architectures the listed methods deployed at each target SR, rebuilt from the ranks the JSON records
+    (random weights: the time of a layer does not depend on them)."""
+    from ltc.engine import LCEngine
+
+    doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    groups = []
+    for key, info in doc.get("bases", {}).items():
+        torch.manual_seed(0)
+        base = models.create(info["model"], num_classes=info["num_classes"], width=info["width"],
+                             in_channels=info["in_channels"]).eval()
+        shape = (int(info["in_channels"]), int(info["image_size"]), int(info["image_size"]))
+        x = _example(shape, 1)
+        variants = []
+        for row in doc.get("rows", []):
+            if (row.get("kind") != "compare" or f"{row['dataset']}/{row['model']}" != key or "error" in row
+                    or row["method"] not in methods or row.get("target_sr") is None):
+                continue
+            scheme = "matrix" if row["method"] == "lrc" else "tucker2"
+            mods = dict(base.named_modules())
+            linear = any(isinstance(mods.get(n), nn.Linear) for n in row["ranks"])
+            eng = LCEngine(base, x, lam=0.0, conv_scheme=scheme, compress_linear=linear)
+            eng.assign({n: tuple(r) if isinstance(r, list) else r for n, r in row["ranks"].items()})
+            comp = eng.compressed_model().eval()
+            got_sr, got_cr = _sr_cr(base, comp, shape)
+            label = f"{row['method']} SR {row['target_sr']:g}"
+            variants.append(Variant(label, comp, got_sr, got_cr, row["target_sr"], f"{path}: {row['key']}"))
+            print(f"  {key}: {label} -> SR {got_sr:.3f} (the quality run recorded {row['sr']:.3f})", flush=True)
+            if round_to > 1:
+                r8 = round_ranks(base, comp, round_to)
+                r_sr, r_cr = _sr_cr(base, r8, shape)
+                variants.append(Variant(f"{label} r{round_to}", r8, r_sr, r_cr, row["target_sr"],
+                                        f"{label} ranks rounded up to x{round_to}"))
+        if variants:
+            groups.append(Group(f"{key} (width {info['width']:g}, quality run)", base, shape, variants,
+                                f"{path}: architectures of the {', '.join(methods)} rows, random weights"))
+    return groups
+
+
 def run_groups(paths: list[str]) -> list[Group]:
     """One group per ``ltc compress`` run folder: its compressed model against its base."""
     from ltc import runs
@@ -1063,6 +1103,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="also measure the compressed model of these ltc compress run folders against their base",
     )
+    ap.add_argument(
+        "--quality",
+        metavar="JSON",
+        default=None,
+        help="also measure the compressed architectures of a benchmarks/quality.py results JSON (rebuilt from "
+        "their ranks) against their bases",
+    )
+    ap.add_argument("--quality-methods", default="ltc", help="comma-separated methods of --quality rows (default ltc)")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds per case, at most (default 20; quick 5)")
     ap.add_argument("--min-repeats", type=int, default=3, help="timed rounds per case, at least (default 3)")
     ap.add_argument(
@@ -1129,8 +1177,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.analysis_runs is None:
         args.analysis_runs = 3 if args.quick else 5
     args.min_repeats = max(1, min(args.min_repeats, args.repeats))
-    if not names and not args.runs:
-        ap.error("nothing to measure: give --models and/or --runs")
+    if not names and not args.runs and not args.quality:
+        ap.error("nothing to measure: give --models, --runs and/or --quality")
 
     torch.set_num_threads(args.threads)
     with contextlib.suppress(RuntimeError):
@@ -1148,6 +1196,8 @@ def main(argv: list[str] | None = None) -> int:
             "batches": args.batches,
             "modes": args.modes,
             "runs": args.runs,
+            "quality": args.quality,
+            "quality_methods": args.quality_methods,
             "repeats": args.repeats,
             "min_repeats": args.min_repeats,
             "case_seconds": args.case_seconds,
@@ -1178,6 +1228,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if args.runs:
             todo.append(lambda: run_groups(args.runs))
+        if args.quality:
+            todo.append(lambda: quality_groups(args.quality, _csv(args.quality_methods, str), args.round_ranks))
         for build in todo:
             for g in build():
                 print(f"[{g.name}] analysing (batch 1, eager)", flush=True)

@@ -17,8 +17,9 @@ profile's schedule (the baseline row), one knob changes at a time:
 - the number of LC steps (1 epoch each; this one changes the total budget: see the Budget column).
 
 Each variant is one ``ltc.compress`` run. Rows are ranked by validation accuracy after fine-tuning (then by
-accuracy before fine-tuning). Writes ``benchmarks/results/lc_schedule_sweep.{json,md}`` atomically after every
-variant (``--smoke``: ``/tmp/ltc_bench_smoke/lc_schedule_sweep_smoke.*``); ``--resume`` keeps finished variants.
+accuracy before fine-tuning). Writes ``benchmarks/results/lc_schedule_sweep_{profile}_{dataset}_{model}_sr{target}``
+``.{json,md}`` atomically after every variant (``--smoke``: under ``/tmp/ltc_bench_smoke``); ``--resume`` keeps
+finished variants.
 The validation split is also the one the quality benchmark reports on (there is no test split here), so the
 winning schedule is tuned on it: treat its margin over the baseline with that in mind.
 """
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(threads)
     settings = copy.deepcopy(Q.PROFILES[args.profile])
     out = args.out or (Q.SMOKE_OUT if args.profile == "smoke" else Q.DEFAULT_OUT)
-    stem = "lc_schedule_sweep" + ("_smoke" if args.profile == "smoke" else "")
+    stem = f"lc_schedule_sweep_{args.profile}_{args.dataset}_{args.model}_sr{args.target:g}"
     json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
     Q.log(f"LC schedule sweep ({args.profile}): torch {torch.__version__}, {threads} thread(s) ({why})")
 

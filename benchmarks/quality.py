@@ -141,15 +141,15 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
     "full": {
         "widths": {"resnet34_cifar": 0.125, "vgg16_cifar": 0.125},
-        "train_subset": {"cifar10": 5000, "pneumoniamnist": None},
+        "train_subset": {"cifar10": 8000, "pneumoniamnist": None},
         "val_subset": {"cifar10": None, "pneumoniamnist": None},
-        "batch_size": 128,
+        "batch_size": 64,
         "eval_batch_size": 256,
-        "base": {"epochs": 25, "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
-        "compress": {"steps": 6, "epochs_per_step": 1, "finetune_epochs": 4, "lr": 0.01, "finetune_lr": 0.01,
+        "base": {"epochs": 40, "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
+        "compress": {"steps": 5, "epochs_per_step": 1, "finetune_epochs": 3, "lr": 0.01, "finetune_lr": 0.01,
                      "mu0": 1e-3, "n_iter": 0},
         "targets": [5, 10],
-        "sweep": {"dataset": "cifar10", "model": "resnet34_cifar", "points": 5, "sr_range": [2, 30]},
+        "sweep": {"dataset": "cifar10", "model": "resnet34_cifar", "points": 4, "sr_range": [2, 20]},
     },
 }
 LIMITS_MIN = {"smoke": 3, "quick": 30, "full": 150}

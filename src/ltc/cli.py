@@ -173,7 +173,10 @@ def _compress_opts(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     f("--lr", key="compress.lr", type=float, help="L-step learning rate, restarted each step (default 0.01)")
     f("--finetune-lr", key="compress.finetune_lr", type=float, help="fine-tuning learning rate (default 0.01)")
     f("--mu0", key="compress.mu0", type=float, help="first penalty weight μ0 (default 1e-3)")
-    f("--mu-growth", key="compress.mu_growth", type=float, help="μ grows by this factor per step (default 1.25)")
+    f("--mu-growth", key="compress.mu_growth", type=float,
+      help="μ grows by this factor per step (default: automatic, so that the last L step closes W − Θ)")
+    f("--weighting", key="compress.weighting", choices=("relative", "absolute"),
+      help="compare layers' errors relative to their weight norms (default) or in absolute terms (SPEC §3)")
     f("--cost", key="compress.cost", choices=("macs", "params"), help="what λ / the budget counts (default macs)")
     f("--compress-linear", key="compress.compress_linear", action="store_true",
       help="also compress nn.Linear layers by SVD (the slides keep them dense)")
@@ -1137,7 +1140,8 @@ def _demo(args: argparse.Namespace, out: Path, progress: bool, threads: int, t_s
     _say(f"\n[2/4] train small_cnn (width 0.5) from scratch: {plan['epochs']} epochs of SGD, cosine LR")
     base_res = run_train(cfg, out / "base", overwrite=True, bundle_info=bundle_info)
     _say(f"\n[3/4] compress with LTC to SR {args.target_sr:g} (budget mode: λ found by bisection each C step): "
-         f"{plan['steps']} LC steps (L step = {plan['epochs_per_step']} epoch of SGD on loss + μ/2‖W − Θ − φ/μ‖², "
+         f"{plan['steps']} LC steps (L step = {plan['epochs_per_step']} epoch of SGD on loss + "
+         "μ/2 Σ w_k‖W_k − Θ_k − φ_k/(μw_k)‖², "
          f"C step = joint rank search per layer),\n      then {_plural(plan['finetune'], 'fine-tuning epoch')} with "
          "ranks fixed")
     res = run_compress(cfg, out / "base", out, overwrite=True, bundle_info=bundle_info, summary=False)
