@@ -14,7 +14,8 @@ profile's schedule (the baseline row), one knob changes at a time:
 - the split of the fixed epoch budget between LC epochs and fine-tuning, and epochs per L step at fixed LC
   epochs;
 - the LC learning rate; HOOI sweeps ``n_iter`` in the C step's projection;
-- the number of LC steps (1 epoch each; this one changes the total budget: see the Budget column).
+- the number of LC steps (1 epoch each; this one changes the total budget: see the Budget column);
+- the layer weighting (``'absolute'``: the SPEC's unweighted errors) and ``min_rank`` (a floor on every rank).
 
 Each variant is one ``ltc.compress`` run. Rows are ranked by validation accuracy after fine-tuning (then by
 accuracy before fine-tuning). Writes ``benchmarks/results/lc_schedule_sweep_{profile}_{dataset}_{model}_sr{target}``
@@ -65,6 +66,8 @@ def variants(grid: str, c: dict[str, Any], mu_auto: float) -> list[dict[str, Any
         add("mu_final", f"mu_final={f:g}x auto ({f * mu_auto:.3g})", mu_final=f * mu_auto)
     add("mu_final", "growth=1.25 fixed", mu_growth=1.25)
     add("weighting", "absolute layer errors", weighting="absolute")
+    for r in ([2] if grid == "quick" else [2, 4]):
+        add("min_rank", f"min_rank={r}", min_rank=r)
     # split of the fixed budget between LC epochs and fine-tuning (1 epoch per L step)
     splits = [(max(1, lc // 2), budget - max(1, lc // 2))]
     if grid == "full":
