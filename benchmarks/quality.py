@@ -88,7 +88,7 @@ from torch import nn  # noqa: E402
 import ltc  # noqa: E402
 from ltc import data as D  # noqa: E402
 from ltc import models as M  # noqa: E402
-from ltc.api import CompressConfig, compress  # noqa: E402
+from ltc.api import CompressConfig, build_engine, compress  # noqa: E402
 from ltc.cost import profile  # noqa: E402
 from ltc.methods import get_method  # noqa: E402
 from ltc.train import evaluate, fit, make_optimizer, train_one_epoch  # noqa: E402
@@ -445,8 +445,7 @@ def auto_schedule(base: nn.Module, d: Data, settings: dict[str, Any], seed: int,
     automatic ``mu_final`` depends on the engine's layer weights)."""
     kw = {k: v for k, v in compress_kwargs(settings, seed).items() if k != "seed"}
     cfg = CompressConfig(method="ltc", target_sr=target, **kw)
-    eng = get_method("ltc").build(copy.deepcopy(base), example_input(d), **cfg.resolve_schedule(None).engine_kwargs())
-    return cfg.resolve_schedule(len(d.train_loader), eng.scale_range)
+    return build_engine(cfg, copy.deepcopy(base), example_input(d), len(d.train_loader))[1]
 
 
 def lambda_grid(base: nn.Module, d: Data, settings: dict[str, Any], seed: int

@@ -188,6 +188,21 @@ class CompressConfig:
         return dataclasses.replace(self, mu_growth=growth, mu_final=mu_final)
 
 
+def build_engine(
+    cfg: CompressConfig, model: nn.Module, example_input: Tensor, iters_per_epoch: int | None
+) -> tuple[LCEngine, CompressConfig]:
+    """``cfg.method``'s engine for ``model`` (its first C step runs here) and ``cfg`` with the μ path resolved
+    for that engine's layer weights (the automatic ``mu_final`` depends on them; see
+    :meth:`CompressConfig.resolve_schedule`)."""
+    kwargs = cfg.engine_kwargs()
+    if cfg.mu_growth is None:  # the first C step runs at mu0 whatever the growth: fill it in once the engine exists
+        kwargs["mu_growth"] = 1.0
+    engine = get_method(cfg.method).build(model, example_input, **kwargs)
+    cfg = cfg.resolve_schedule(iters_per_epoch, engine.scale_range)
+    engine.mu_growth = float(cfg.mu_growth)  # type: ignore[arg-type]
+    return engine, cfg
+
+
 # Largest lr_eff·μ·w_k the automatic schedule allows: plain SGD with Nesterov momentum 0.9 on the penalty alone
 # is stable up to lr·μ·w_k ≈ 1.36, i.e. lr_eff·μ·w_k ≈ 13.6; 2 leaves room for the loss's own curvature.
 MAX_PULL = 2.0
@@ -349,8 +364,6 @@ def compress(
         iters_per_epoch: int | None = len(train_loader)
     except TypeError:  # an iterable-style loader has no length
         iters_per_epoch = None
-    auto_mu, user_mu_final = cfg.mu_growth is None, cfg.mu_final
-    cfg = cfg.resolve_schedule(iters_per_epoch)
     device = resolve_device(cfg.device)
     t_start = time.perf_counter()
     work = copy.deepcopy(unwrap(model)).to(device)
@@ -377,11 +390,7 @@ def compress(
 
     # the first C step also checks the layer globs, the ranks and the reachability of the target: before any
     # training or evaluation
-    engine = method.build(work, example_input, **cfg.engine_kwargs())
-    if auto_mu:  # the automatic μ path, now for the engine's own layer weights w_k
-        cfg = dataclasses.replace(cfg, mu_growth=None, mu_final=user_mu_final).resolve_schedule(
-            iters_per_epoch, engine.scale_range)
-        engine.mu_growth = float(cfg.mu_growth)  # type: ignore[arg-type]
+    engine, cfg = build_engine(cfg, work, example_input, iters_per_epoch)
     if base_acc is None and val_loader is not None:
         base_acc = state["base_acc"] if state is not None else _acc(work, val_loader, device, cfg)
     log_rows: list[dict[str, Any]] = []

@@ -63,7 +63,6 @@ class LayerState:
     theta: Tensor
     phi: Tensor
     rank: Rank = None
-    factors: Any = None
     err: float = 0.0
     scale: float = 1.0
     history_ranks: list[Rank] = field(default_factory=list)
@@ -373,24 +372,24 @@ class LCEngine:
             hulls = dict(lmap(lambda n: (n, _lower_hull(cands[n], self.cost_kind)), order))
             choice, self.lam = self._budget(cands, hulls)
 
-        def project(name: str) -> tuple[str, tuple[Rank, Tensor, Any, float]]:
+        def project(name: str) -> tuple[str, tuple[Rank, Tensor, float]]:
             s, c, idx, z = self.layers[name], cands[name], choice[name], shifted[name]
             if idx is None:
-                return name, (None, z.clone(), None, 0.0)
+                return name, (None, z.clone(), 0.0)
             rank = c.rank_of(idx)
-            theta, factors = s.scheme.project(z, rank, c.analysis, self.n_iter)
+            theta, _ = s.scheme.project(z, rank, c.analysis, self.n_iter)
             # HOOI sweeps (n_iter > 0) lower the error below the truncated-HOSVD table's: measure it
             if self.n_iter == 0:
                 err = float(c.err[idx]) / s.scale
             else:
                 err = float((z.double() - theta.double()).square().sum())
-            return name, (rank, theta, factors, err)
+            return name, (rank, theta, err)
 
         done = dict(lmap(project, order))
         # The first C step has no previous ranks: it always counts as a change (so ``converged`` is False).
         old = self.ranks if self.history else None
         for name, s in self.layers.items():
-            s.rank, s.theta, s.factors, s.err = done[name]
+            s.rank, s.theta, s.err = done[name]
         if _is_distributed():
             self._broadcast()
         self._ranks_changed = old != self.ranks
@@ -522,10 +521,9 @@ class LCEngine:
 
     # ----------------------------------------------------------------------------------------- DDP
     def _broadcast(self) -> None:
-        """Make Θ, the ranks, the errors and λ of rank 0 those of every process. The other processes drop
-        the factors of their own C step (they belong to their own Θ) and rebuild them from Θ when needed."""
+        """Make Θ, the ranks, the errors and λ of rank 0 those of every process (deployment rebuilds the
+        factors from Θ, so nothing else needs sending)."""
         dist = torch.distributed
-        src = dist.get_rank() == 0
         for s in self.layers.values():
             s.theta = s.theta.contiguous()
             dist.broadcast(s.theta, src=0)
@@ -543,8 +541,6 @@ class LCEngine:
         for s, (a, b), err in zip(self.layers.values(), t.tolist(), values[1:], strict=True):
             s.rank = None if a < 0 else (a if b < 0 else (a, b))
             s.err = err
-            if not src:
-                s.factors = None
 
     # ----------------------------------------------------------------------------------------- results
     def _factors(self, s: LayerState) -> Any:
@@ -628,7 +624,7 @@ class LCEngine:
             s.theta, s.phi = d["theta"].to(dev).clone(), d["phi"].to(dev).clone()
             r = d["rank"]
             s.rank = tuple(r) if isinstance(r, list) else r
-            s.err, s.factors, s.scale = float(d["err"]), None, float(d["scale"])
+            s.err, s.scale = float(d["err"]), float(d["scale"])
         self.mu, self.lam, self.steps_done = float(state["mu"]), float(state["lam"]), int(state["steps_done"])
         self._ranks_changed = bool(state["ranks_changed"])
         self.history = copy.deepcopy(state["history"])
@@ -645,10 +641,10 @@ class LCEngine:
             s = self.layers[name]
             w = self._shifted(s)
             if r is None:
-                s.rank, s.theta, s.factors, s.err = None, w.clone(), None, 0.0
+                s.rank, s.theta, s.err = None, w.clone(), 0.0
             else:
                 s.rank = r
-                s.theta, s.factors = s.scheme.project(w, r, None, self.n_iter)
+                s.theta, _ = s.scheme.project(w, r, None, self.n_iter)
                 s.err = float((w - s.theta).square().sum())
         self._ranks_changed = self._ranks_changed or old != self.ranks
         self._record(time.perf_counter() - t0, "assigned ranks")
