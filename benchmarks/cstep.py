@@ -28,7 +28,6 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _machine import cpu_model, load_average
+from _machine import load_average, machine
 from torch import nn
 
 import ltc
@@ -49,19 +48,6 @@ EPOCH_IMAGES = 50_000
 BATCH = 32
 SIZE = 224
 DEFAULT_MODELS = ("resnet50", "resnet34", "vgg16")
-
-
-def machine() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "load_average_1m_at_start": load_average(),
-    }
 
 
 def _build(name: str, seed: int = 0) -> nn.Module:

@@ -62,8 +62,6 @@ import datetime as dt
 import gc
 import json
 import math
-import os
-import platform
 import shlex
 import statistics
 import sys
@@ -75,8 +73,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import _machine
 import torch
-from _machine import cpu_model, load_average
+from _machine import load_average
 from torch import Tensor, nn
 
 import ltc
@@ -112,19 +111,7 @@ def _version(module: str) -> str | None:
 
 
 def machine(threads: int) -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnxruntime": _version("onnxruntime"),
-        "onnx": _version("onnx"),
-        "threads": threads,
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "load_average_1m_at_start": load_average(),
-    }
+    return _machine.machine(onnxruntime=_version("onnxruntime"), onnx=_version("onnx"), threads=threads)
 
 
 # ============================================================================ models and their analysis
