@@ -1,16 +1,16 @@
-"""``ltc.compress``: the ready-made loop for users who do not bring their own.
+"""``ltc.compress``: the ready-made pipeline for users who do not bring their own loop.
 
 Base model in, compressed and fine-tuned model out::
 
-    result = ltc.compress(model, train_loader, example_input=x, target_sr=5, steps=10,
-                          epochs_per_step=1, finetune_epochs=5, val_loader=val_loader)
+    result = ltc.compress(model, train_loader, val_loader=val_loader, target_sr=5, epochs=15)
     print(result.summary())
     small = result.model
 
-The learning methods (``ltc``, ``lrc``) spend ``steps × epochs_per_step`` epochs in LC steps (L step: SGD on
-``loss + penalty()``, lr restarted each step and decayed per epoch; then the C step) and ``finetune_epochs``
-fine-tuning the compressed network with ranks fixed. One-shot methods (``oneshot``, ``vbmf``, ``uniform``)
-spend the same total epoch budget on fine-tuning (``equal_budget=True``).
+It is a short driver over the one training loop, :func:`ltc.train.fit`: the learning methods (``ltc``, ``lrc``)
+run ``steps x epochs_per_step`` epochs of L steps through ``fit`` (extra loss = the engine's penalty, the C step at
+the end of every ``epochs_per_step`` epochs, the engine's state in the checkpoint), then every method deploys,
+re-estimates BatchNorm, and fine-tunes through ``fit`` again. ``epochs`` is the whole budget: the learning
+methods split it into LC and fine-tuning epochs, the others fine-tune for all of it.
 """
 
 from __future__ import annotations
@@ -27,50 +27,86 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
+from .batchnorm import recalibrate_batchnorm
 from .cost import Profile, format_count, profile
-from .engine import WEIGHTINGS, LCEngine
+from .engine import EngineSettings
 from .methods import get_method
+from .settings import OPTIMIZERS, check_choice, check_int, check_number
 from .surgery import unwrap
-from .train import (
-    NonFiniteLossError,
-    evaluate,
-    load_error_reason,
-    make_optimizer,
-    make_scheduler,
-    prepare_loader_epoch,
-    train_one_epoch,
-)
-from .utils import atomic_torch_save, get_rng_state, is_main_process, resolve_device, set_rng_state, world_size
+from .train import evaluate, fit, make_optimizer, make_scheduler, read_checkpoint
+from .utils import is_main_process, resolve_device, seed_everything
 
-__all__ = ["CompressConfig", "Result", "compress", "full_ranks"]
+__all__ = ["CompressConfig", "EpochPlan", "Result", "compress", "full_ranks", "CHECKPOINT_NAME", "MAX_PULL"]
 
-CHECKPOINT_NAME = "compress.pt"
-CHECKPOINT_FORMAT = "ltc-compress"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_NAME = "checkpoint.pt"
+WRITER = "ltc.compress"
 # settings that decide which ranks a run learns: resuming a checkpoint with other values is refused
 _IDENTITY_KEYS = ("method", "lam", "target_sr", "cost", "include", "exclude", "compress_linear", "min_rank",
-                  "weighting", "method_options")
+                  "rank_multiple", "weighting", "metric", "method_options", "steps", "epochs_per_step")
+# Largest lr_eff·ρ_k of any layer: SGD with Nesterov momentum 0.9 on the penalty alone is stable up to
+# lr·ρ ≈ 1.36, i.e. lr_eff·ρ ≈ 13.6; 2 leaves room for the loss's own curvature.
+MAX_PULL = 2.0
+_ENGINE_FIELDS = tuple(f.name for f in dataclasses.fields(EngineSettings) if f.name != "conv_scheme")
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """How a run spends its epochs: ``lc_steps`` L steps of ``epochs_per_step`` epochs, then ``finetune``."""
+
+    lc_steps: int
+    epochs_per_step: int
+    finetune: int
+
+    @property
+    def lc_epochs(self) -> int:
+        return self.lc_steps * self.epochs_per_step
+
+    @property
+    def total(self) -> int:
+        return self.lc_epochs + self.finetune
+
+    def describe(self) -> str:
+        ft = f"{self.finetune} fine-tuning epoch{'s' * (self.finetune != 1)}"
+        if not self.lc_steps:
+            return f"{ft} ({self.total} in all)"
+        return (f"{self.lc_steps} LC step{'s' * (self.lc_steps != 1)} x {self.epochs_per_step} epoch"
+                f"{'s' * (self.epochs_per_step != 1)} + {ft} = {self.total} epochs")
 
 
 @dataclass
 class CompressConfig:
-    """Every knob of :func:`compress` (JSON-able; the CLI's YAML configs map onto it one to one).
+    """Every knob of :func:`compress`, validated here once (the CLI's YAML ``compress:`` section maps onto it
+    one to one; JSON-able).
 
-    Rank selection: ``method``, ``lam`` or ``target_sr`` (exactly one for ``ltc``/``lrc``/``oneshot``),
-    ``cost`` ('macs' or 'params'), layer globs, ``compress_linear``, ``min_rank``, ``n_iter`` (HOOI sweeps),
-    ``weighting`` ('relative' or 'absolute' layer errors, see :class:`~ltc.engine.LCEngine`),
-    ``method_options`` (e.g. ``{"weaken": 0.5}`` for vbmf, ``{"fraction": 0.3}`` for uniform).
-    LC schedule: ``mu0``, ``mu_growth``, ``steps`` C steps, ``epochs_per_step`` epochs per L step at learning
-    rate ``lr`` decayed by ``lr_decay`` per epoch and restarted each L step. ``mu_growth=None`` (default) grows
-    μ geometrically from ``mu0`` to ``mu_final`` at the last L step; ``mu_final=None`` (default) picks the μ at
-    which one L step's penalty pull, ``exp(-lr_eff·μ·iterations)`` with ``lr_eff = lr/(1 − momentum)``,
-    closes the gap ``W − Θ`` by a factor ``e^5`` in the layer pulled least (capped at ``lr_eff·μ·w_k ≤ 2`` in the
-    layer pulled most, for stability; ``w_k``: the engine's layer weights, see ``weighting``). Otherwise a short
-    run ends with μ too small for the weights to reach their low-rank projection, and the deployed network
-    (built from Θ) loses what training learned.
-    Fine-tuning: ``finetune_epochs`` at ``finetune_lr`` with a cosine schedule.
+    Rank selection: ``method``; ``lam`` or ``target_sr`` (exactly one for ``ltc`` / ``lrc`` / ``oneshot``;
+    ``target_sr`` or nothing for ``vbmf`` / ``uniform``; ``target_sr`` for ``prune``); ``cost`` ('macs',
+    'params'); layer globs; ``compress_linear``; ``min_rank``; ``rank_multiple`` (ranks multiples of it);
+    ``n_iter`` (HOOI sweeps); ``weighting`` and ``metric`` (see :class:`~ltc.engine.LCEngine`; ``metric='data'``
+    measures errors on ``calibration_images`` images of the calibration data); ``method_options`` (e.g.
+    ``{"weaken": 0.5}`` for vbmf, ``{"fraction": 0.3}`` for uniform, ``{"round_to": 8}`` for prune).
+
+    Epoch budget: ``epochs`` is the whole budget; the learning methods spend ``steps x epochs_per_step`` of it in
+    LC steps and the rest fine-tuning, the others fine-tune for all of it. Without ``epochs``, fine-tuning takes
+    ``finetune_epochs`` (default 5) after any LC steps. Giving both is allowed only when they agree.
+
+    LC schedule: μ grows geometrically from ``mu0`` (first L step) to ``mu_final`` (last L step; with
+    ``steps=1`` the single L step runs at ``mu_final``). ``mu_final=None`` (default) is the μ at which one L
+    step's pull, ``exp(-lr_eff·ρ_k·iterations)`` with ``lr_eff = lr/(1 − momentum)``, closes layer ``k``'s gap
+    ``W − Θ`` by the factor ``e^pull`` in the layer pulled least. ``mu_cap``: ``'layer'`` (default) caps each
+    layer's penalty weight at ``ρ_k ≤ 2/lr_eff`` (stable under SGD) so that layers with large ``w_k`` saturate
+    while the others keep growing; ``'global'`` (the first version of ltc) caps μ itself so that the layer pulled
+    most stays stable, which throttles every other layer; ``'none'``: no cap. ``mu_growth`` overrides the path.
+    L steps use learning rate ``lr`` (``lr_schedule``: ``'cosine'`` over all LC epochs, or ``'restart'``: decayed
+    by ``lr_decay`` per epoch and restarted each L step, as in the LC paper's scripts) and weight decay
+    ``weight_decay`` on all weights except the compressed layers', which get ``lc_weight_decay`` (their regulariser
+    is the penalty). ``skip_converged``: stop the LC steps once ``‖W − Θ‖/‖W‖ < tol`` and ranks are stable (the
+    epochs left go to fine-tuning).
+
+    Every method: ``recalibrate_bn`` re-estimates BatchNorm statistics after deployment (over ``bn_batches``
+    batches of the calibration data, all of it when ``None``) before any accuracy is measured; ``kd_weight`` in
+    [0, 1] distils from the base network during L steps and fine-tuning (``kd_temperature``; see
+    :func:`ltc.train.distillation_loss`). Fine-tuning: ``finetune_lr`` with a cosine schedule.
     """
 
     method: str = "ltc"
@@ -81,141 +117,140 @@ class CompressConfig:
     exclude: list[str] | None = None
     compress_linear: bool = False
     min_rank: int = 1
+    rank_multiple: int = 1
     n_iter: int = 0
+    weighting: str = "relative"
+    metric: str = "weight"
+    calibration_images: int = 512
+    damping: float = 0.01
+    method_options: dict[str, Any] = field(default_factory=dict)
+    epochs: int | None = None
+    steps: int = 10
+    epochs_per_step: int = 1
+    finetune_epochs: int | None = None
     mu0: float = 1e-3
     mu_growth: float | None = None
     mu_final: float | None = None
+    mu_cap: str = "layer"
+    pull: float = 5.0
     tol: float = 1e-3
-    weighting: str = "relative"
-    method_options: dict[str, Any] = field(default_factory=dict)
-    steps: int = 10
-    epochs_per_step: int = 1
-    finetune_epochs: int = 5
-    equal_budget: bool = True
+    skip_converged: bool = True
     optimizer: str = "sgd"
     lr: float = 0.01
+    lr_schedule: str = "restart"
     lr_decay: float = 0.99
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
+    lc_weight_decay: float = 5e-4
     finetune_lr: float = 0.01
     label_smoothing: float = 0.0
-    skip_converged: bool = True
+    grad_clip: float | None = None
+    recalibrate_bn: bool = True
+    bn_batches: int | None = None
+    kd_weight: float = 0.0
+    kd_temperature: float = 4.0
     seed: int = 0
     device: str = "auto"
     amp: bool = False
     channels_last: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("steps", "epochs_per_step", "finetune_epochs"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
-        for name in ("lr", "finetune_lr"):
-            v = getattr(self, name)
-            if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
-                raise ValueError(f"{name} must be a number > 0, got {v!r}")
-        if not 0 < self.lr_decay <= 1:
-            raise ValueError(f"lr_decay must lie in (0, 1], got {self.lr_decay}")
-        # the engine's numbers too, so that a typo fails here and not after minutes of evaluation
-        if self.lam is not None and not (_is_number(self.lam) and math.isfinite(self.lam) and self.lam >= 0):
-            raise ValueError(f"lam must be a finite number >= 0, got {self.lam!r}")
-        if self.target_sr is not None and not (
-            _is_number(self.target_sr) and math.isfinite(self.target_sr) and self.target_sr >= 1
-        ):
-            raise ValueError(f"target_sr must be a finite number >= 1 (a speed-up), got {self.target_sr!r}")
-        if self.cost not in ("macs", "params"):
-            raise ValueError(f"cost must be 'macs' or 'params', got {self.cost!r}")
-        if not (_is_number(self.mu0) and math.isfinite(self.mu0) and self.mu0 > 0):
-            raise ValueError(f"mu0 must be a finite number > 0, got {self.mu0!r}")
-        if self.mu_growth is not None and not (
-            _is_number(self.mu_growth) and math.isfinite(self.mu_growth) and self.mu_growth >= 1
-        ):
-            raise ValueError(f"mu_growth must be a finite number >= 1 (μ increases), got {self.mu_growth!r}")
-        if self.mu_final is not None and not (
-            _is_number(self.mu_final) and math.isfinite(self.mu_final) and self.mu_final > 0
-        ):
-            raise ValueError(f"mu_final must be a finite number > 0, got {self.mu_final!r}")
-        for name, lo in (("min_rank", 1), ("n_iter", 0)):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-        if not (_is_number(self.tol) and self.tol >= 0):
-            raise ValueError(f"tol must be a number >= 0, got {self.tol!r}")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
-        if str(self.optimizer).lower() not in ("sgd", "adam", "adamw"):
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose 'sgd', 'adam' or 'adamw'")
-        if not (_is_number(self.momentum) and 0 <= self.momentum < 1):
-            raise ValueError(f"momentum must lie in [0, 1), got {self.momentum!r}")
-        if not (_is_number(self.weight_decay) and math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
-        if not (_is_number(self.label_smoothing) and 0 <= self.label_smoothing < 1):
-            raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing!r}")
+        method = get_method(self.method)
         if isinstance(self.include, str):
             self.include = [self.include]
         if isinstance(self.exclude, str):
             self.exclude = [self.exclude]
-        get_method(self.method)  # unknown method -> clear error now, not after training
+        EngineSettings(**self._engine_values())  # the engine's own checks: one message per bad value everywhere
+        method.check(self.lam, self.target_sr, self.method_options)
+        if method.name == "prune":
+            from .methods.prune import require_torch_pruning
+
+            require_torch_pruning()
+        for name in ("steps", "epochs_per_step"):
+            check_int(name, getattr(self, name), ge=1)
+        check_int("epochs", self.epochs, ge=0, optional=True)
+        check_int("finetune_epochs", self.finetune_epochs, ge=0, optional=True)
+        check_int("bn_batches", self.bn_batches, ge=1, optional=True)
+        check_int("seed", self.seed, ge=0)
+        check_number("lr", self.lr, gt=0)
+        check_number("finetune_lr", self.finetune_lr, gt=0)
+        check_number("lr_decay", self.lr_decay, gt=0, le=1)
+        check_number("mu_growth", self.mu_growth, ge=1, optional=True, what="(μ increases)")
+        check_number("mu_final", self.mu_final, gt=0, optional=True)
+        check_number("pull", self.pull, gt=0)
+        check_choice("mu_cap", self.mu_cap, ("layer", "global", "none"))
+        check_choice("lr_schedule", self.lr_schedule, ("restart", "cosine"))
+        self.optimizer = check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_number("momentum", self.momentum, ge=0, lt=1)
+        check_number("weight_decay", self.weight_decay, ge=0)
+        check_number("lc_weight_decay", self.lc_weight_decay, ge=0)
+        check_number("label_smoothing", self.label_smoothing, ge=0, lt=1)
+        check_number("grad_clip", self.grad_clip, gt=0, optional=True)
+        check_number("kd_weight", self.kd_weight, ge=0, le=1)
+        check_number("kd_temperature", self.kd_temperature, gt=0)
+        self.plan()  # an inconsistent epoch budget fails here
+
+    def _engine_values(self) -> dict[str, Any]:
+        values = {k: getattr(self, k) for k in _ENGINE_FIELDS if k not in ("mu_growth", "mu_cap")}
+        return values
+
+    def plan(self) -> EpochPlan:
+        """The epochs each phase takes (see the class docstring); a ``ValueError`` when they cannot add up."""
+        lc_steps = self.steps if get_method(self.method).learns else 0
+        lc = lc_steps * self.epochs_per_step
+        if self.epochs is None:
+            return EpochPlan(lc_steps, self.epochs_per_step, 5 if self.finetune_epochs is None else
+                             self.finetune_epochs)
+        ft = self.epochs - lc
+        if ft < 0:
+            raise ValueError(f"epochs={self.epochs} is less than the LC steps' {lc} (steps={self.steps} x "
+                             f"epochs_per_step={self.epochs_per_step}); raise epochs or lower steps")
+        if self.finetune_epochs is not None and self.finetune_epochs != ft:
+            raise ValueError(f"finetune_epochs={self.finetune_epochs} does not add up with epochs={self.epochs} "
+                             f"({lc} LC epochs + {ft} fine-tuning); give one of them")
+        return EpochPlan(lc_steps, self.epochs_per_step, ft)
 
     def engine_kwargs(self) -> dict[str, Any]:
-        keys = ("lam", "target_sr", "cost", "include", "exclude", "compress_linear", "min_rank", "n_iter",
-                "mu0", "mu_growth", "tol", "weighting")
-        kw = {k: getattr(self, k) for k in keys}
-        return {**kw, **self.method_options}
+        """The settings the method's ``build`` takes (the engine's and the method's own options)."""
+        return {**self._engine_values(), **self.method_options}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def resolve_schedule(
-        self, iters_per_epoch: int | None, scale_range: tuple[float, float] = (1.0, 1.0)
-    ) -> CompressConfig:
-        """A copy with ``mu_growth`` (and ``mu_final``) filled in; see the class docstring.
+    def lr_eff(self) -> float:
+        """The step size of plain gradient descent that SGD with momentum ``m`` and rate ``lr`` amounts to."""
+        return self.lr / (1.0 - self.momentum) if self.optimizer == "sgd" else self.lr
 
-        ``scale_range``: the smallest and largest layer weight ``w_k`` of the engine (its layer ``k`` is pulled
-        with ``μ·w_k``): the automatic ``mu_final`` closes the slowest layer's gap, within the stability cap
-        of the fastest."""
-        if self.mu_growth is not None:
-            return self
-        lr_eff = self.lr / (1.0 - self.momentum) if self.optimizer == "sgd" and self.momentum < 1 else self.lr
+    def schedule(self, iters_per_epoch: int | None, scale_range: tuple[float, float]) -> dict[str, float | None]:
+        """The μ path for an engine whose layer weights span ``scale_range``: ``{mu0, mu_growth, mu_final,
+        mu_cap}`` (see the class docstring)."""
+        lr_eff = self.lr_eff()
         w_min, w_max = scale_range
+        iters = max(1, (iters_per_epoch or 100) * self.epochs_per_step)
+        cap = MAX_PULL / lr_eff if self.mu_cap == "layer" else None
+        if self.mu_growth is not None:
+            mu0 = self.mu0
+            mu_final = mu0 * self.mu_growth ** (self.steps - 1)
+            return {"mu0": mu0, "mu_growth": self.mu_growth, "mu_final": mu_final, "mu_cap": cap}
         mu_final = self.mu_final
         if mu_final is None:
-            iters = max(1, (iters_per_epoch or 100) * self.epochs_per_step)
-            mu_final = min(5.0 / (lr_eff * iters * w_min), MAX_PULL / (lr_eff * w_max))
-        mu_final = max(float(mu_final), self.mu0)
-        growth = (mu_final / self.mu0) ** (1.0 / (self.steps - 1)) if self.steps > 1 else 1.0
-        return dataclasses.replace(self, mu_growth=growth, mu_final=mu_final)
+            mu_final = self.pull / (lr_eff * iters * w_min)
+            if self.mu_cap == "global":
+                mu_final = min(mu_final, MAX_PULL / (lr_eff * w_max))
+        mu_final = max(float(mu_final), self.mu0) if self.steps > 1 else float(mu_final)
+        mu0 = self.mu0 if self.steps > 1 else mu_final
+        growth = (mu_final / mu0) ** (1.0 / (self.steps - 1)) if self.steps > 1 else 1.0
+        return {"mu0": mu0, "mu_growth": growth, "mu_final": mu_final, "mu_cap": cap}
 
 
-def build_engine(
-    cfg: CompressConfig, model: nn.Module, example_input: Tensor, iters_per_epoch: int | None
-) -> tuple[LCEngine, CompressConfig]:
-    """``cfg.method``'s engine for ``model`` (its first C step runs here) and ``cfg`` with the μ path resolved
-    for that engine's layer weights (the automatic ``mu_final`` depends on them; see
-    :meth:`CompressConfig.resolve_schedule`)."""
-    kwargs = cfg.engine_kwargs()
-    if cfg.mu_growth is None:  # the first C step runs at mu0 whatever the growth: fill it in once the engine exists
-        kwargs["mu_growth"] = 1.0
-    engine = get_method(cfg.method).build(model, example_input, **kwargs)
-    cfg = cfg.resolve_schedule(iters_per_epoch, engine.scale_range)
-    engine.mu_growth = float(cfg.mu_growth)  # type: ignore[arg-type]
-    return engine, cfg
-
-
-# Largest lr_eff·μ·w_k the automatic schedule allows: plain SGD with Nesterov momentum 0.9 on the penalty alone
-# is stable up to lr·μ·w_k ≈ 1.36, i.e. lr_eff·μ·w_k ≈ 13.6; 2 leaves room for the loss's own curvature.
-MAX_PULL = 2.0
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
-
-
-def full_ranks(engine: LCEngine) -> dict[str, Any]:
-    """``{name: (S, T)}`` for Tucker-2 layers, ``{name: full rank}`` for matrix/SVD layers."""
+def full_ranks(compression: Any) -> dict[str, Any]:
+    """``{name: (S, T)}`` for Tucker-2 layers, ``{name: full rank}`` for matrix/SVD layers (engines), or the
+    compression's own ``full_ranks`` (channel pruning)."""
+    if hasattr(compression, "full_ranks") and not callable(compression.full_ranks):
+        return dict(compression.full_ranks)
     out: dict[str, Any] = {}
-    for name, s in engine.layers.items():
+    for name, s in compression.layers.items():
         full = s.scheme.full_rank(s.module)
         out[name] = tuple(full) if len(full) == 2 else int(full[0])
     return out
@@ -223,7 +258,9 @@ def full_ranks(engine: LCEngine) -> dict[str, Any]:
 
 @dataclass
 class Result:
-    """What :func:`compress` returns. MACs are per sample; SR and CR are theoretical (from the profiles)."""
+    """What :func:`compress` returns. MACs are per sample; SR and CR are theoretical (from the profiles);
+    accuracies are fractions in [0, 1]; ``w_theta_final`` is ``‖W − Θ‖/‖W‖`` at the last C step (learning
+    methods only)."""
 
     model: nn.Module
     method: str
@@ -239,6 +276,8 @@ class Result:
     history: list[dict[str, Any]]
     log: list[dict[str, Any]]
     config: dict[str, Any]
+    plan: dict[str, int] = field(default_factory=dict)
+    w_theta_final: float | None = None
     seconds: float = 0.0
 
     @property
@@ -263,7 +302,7 @@ class Result:
         for name, macs, sr, params, cr, acc in rows:
             lines.append(f"| {name} | {format_count(macs)} | {sr:.2f} | {format_count(params)} | {cr:.2f} | {acc} |")
         if self.acc_before_finetune is not None:
-            lines.append(f"\naccuracy before fine-tuning: {pct(self.acc_before_finetune)} %")
+            lines.append(f"\naccuracy before fine-tuning (BatchNorm re-estimated): {pct(self.acc_before_finetune)} %")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -287,41 +326,62 @@ class Result:
             },
             "ranks": {n: jr(r) for n, r in self.ranks.items()},
             "full_ranks": {n: jr(r) for n, r in self.full_ranks.items()},
+            "plan": dict(self.plan),
+            "w_theta_final": self.w_theta_final,
             "history": self.history,
             "log": self.log,
             "config": self.config,
             "seconds": self.seconds,
         }
 
-    def save_json(self, path: str | Path) -> None:
-        from .utils import atomic_write_text
 
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, default=str))
-
-
-def _seed_epoch(loader: Iterable[Any], seed: int, epoch: int) -> None:
-    """Make epoch ``epoch``'s shuffling and augmentation a function of (seed, epoch) alone, so a resumed run
-    sees the same batches as an uninterrupted one."""
-    s = (seed * 1_000_003 + epoch) % (2**63)
-    torch.manual_seed(s)  # augmentation in the main process (workers=0) draws from the global RNG
-    prepare_loader_epoch(loader, epoch, seed=None)  # samplers with set_epoch
-    gen = getattr(loader, "generator", None)
-    if isinstance(gen, torch.Generator):
-        gen.manual_seed(s)
+def _config(config: CompressConfig | None, kwargs: dict[str, Any]) -> CompressConfig:
+    if config is None:
+        return CompressConfig(**kwargs)
+    return dataclasses.replace(config, **kwargs) if kwargs else config
 
 
-def _acc(model: nn.Module, loader: DataLoader | None, device: torch.device, cfg: CompressConfig) -> float | None:
-    if loader is None:
-        return None
-    return float(evaluate(model, loader, device=device, amp=cfg.amp, channels_last=cfg.channels_last).acc)
+def _identity(cfg: CompressConfig, model: nn.Module) -> dict[str, Any]:
+    """What a checkpoint must share with the run that resumes it: the rank-deciding settings and the base model
+    (parameter shapes and a checksum of its weights)."""
+    now = json.loads(json.dumps(cfg.to_dict(), default=str))
+    state = unwrap(model).state_dict()
+    return {
+        "settings": {k: now[k] for k in _IDENTITY_KEYS},
+        "base_shapes": {k: list(v.shape) for k, v in state.items()},
+        "base_sum": float(sum(float(v.double().abs().sum()) for v in state.values() if v.is_floating_point())),
+    }
+
+
+def _check_resume(path: Path, cfg: CompressConfig, model: nn.Module) -> dict[str, Any]:
+    """Read the run's checkpoint and refuse it when it belongs to another method, setting or base model."""
+    ckpt = read_checkpoint(path, writer=WRITER)
+    saved, now = (ckpt.get("extra") or {}).get("run") or {}, _identity(cfg, model)
+    if saved.get("base_shapes") != now["base_shapes"]:
+        diff = [k for k in now["base_shapes"] if saved.get("base_shapes", {}).get(k) != now["base_shapes"][k]]
+        raise ValueError(
+            f"checkpoint {path} belongs to another model (parameters {', '.join(diff[:3])} have other shapes or "
+            "are missing); resume it with the base model it was started from, or start afresh without resume"
+        )
+    s_old, s_new = saved.get("settings", {}), now["settings"]
+    diff = [k for k in _IDENTITY_KEYS if s_old.get(k) != s_new[k]]
+    if diff:
+        pairs = ", ".join(f"{k}: {s_old.get(k)!r} -> {s_new[k]!r}" for k in diff)
+        raise ValueError(f"checkpoint {path} belongs to a run with other settings ({pairs}); resume with the run's "
+                         "settings, or start afresh in another checkpoint dir")
+    if not math.isclose(saved.get("base_sum", 0.0), now["base_sum"], rel_tol=1e-9):
+        raise ValueError(f"checkpoint {path} was started from other base weights; resume it with the base model it "
+                         "was started from, or start afresh without resume")
+    return ckpt
 
 
 def compress(
     model: nn.Module,
-    train_loader: DataLoader,
+    train_loader: Iterable[Any],
     *,
     example_input: Tensor | None = None,
-    val_loader: DataLoader | None = None,
+    val_loader: Iterable[Any] | None = None,
+    calibration_loader: Iterable[Any] | None = None,
     config: CompressConfig | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
@@ -332,286 +392,179 @@ def compress(
     """Compress a trained ``model`` with a method (default ``'ltc'``) and fine-tune it.
 
     Args:
-        model: the trained base network; it is not modified (a copy is trained).
-        train_loader: batches ``(x, y)`` for the L steps and fine-tuning.
+        model: the trained base network; it is not modified (a copy is trained). It is the distillation
+            teacher when ``kd_weight > 0``.
+        train_loader: batches ``(x, y)`` for the L steps and fine-tuning. Under torchrun give each process its
+            share (a ``DistributedSampler``): training runs DDP-wrapped, C steps use rank 0's result, only rank 0
+            writes.
         example_input: one input batch ``(N, C, H, W)`` to record layer sizes; default: the first batch.
-        val_loader: if given, accuracies (fractions in [0, 1]) are measured before, after compression and
-            after fine-tuning.
-        config / kwargs: a :class:`CompressConfig`, or its fields as keyword arguments
-            (``target_sr=5, steps=10, ...``); kwargs override the config's fields.
-        checkpoint_dir: if given, an atomic checkpoint is written after every LC step and fine-tuning epoch
-            (only on the main process); ``resume=True`` continues from it (bit-identically on CPU). A checkpoint
-            of another method, model, ltc version or rank setting (λ, target, cost, layers, min_rank) is
-            refused with a ``ValueError``.
+        val_loader: if given, accuracies (fractions in [0, 1]) are measured for the base, right after deployment
+            (BatchNorm re-estimated) and after fine-tuning.
+        calibration_loader: training batches without augmentation, for BatchNorm re-estimation and the data
+            metric; default ``train_loader``.
+        config / kwargs: a :class:`CompressConfig`, or its fields as keyword arguments (``target_sr=5,
+            epochs=15, ...``); kwargs override the config's fields.
+        checkpoint_dir: if given, an atomic checkpoint is written after every epoch (only on the main process);
+            ``resume=True`` continues from it (bit-identically on CPU). A checkpoint of another method, model,
+            base weights or rank setting is refused with a ``ValueError``.
         base_acc: the base model's validation accuracy if already known (skips one evaluation).
-
-    Under ``torch.distributed`` with more than one process (torchrun), the model is trained wrapped in
-    ``DistributedDataParallel`` (gradients averaged; give each process its share of the data, e.g. with a
-    ``DistributedSampler``), every C step uses rank 0's result, and only rank 0 writes the checkpoint.
-
-    Returns:
-        a :class:`Result` with the compressed model, ranks, profiles, accuracies and logs.
 
     Raises:
         ValueError: a bad setting, layer glob or unreachable target (before any training), or an unusable
             checkpoint on resume.
-        NonFiniteLossError: a batch loss or the weights became NaN/inf; the checkpoint of the last good LC step
-            or fine-tuning epoch is left as it was.
+        NonFiniteLossError: a batch loss or the weights became NaN/inf; the last checkpoint is left as it was.
     """
-    cfg = dataclasses.replace(config, **kwargs) if config is not None else CompressConfig(**kwargs)
-    method = get_method(cfg.method)
-    try:
-        iters_per_epoch: int | None = len(train_loader)
-    except TypeError:  # an iterable-style loader has no length
-        iters_per_epoch = None
+    cfg = _config(config, kwargs)
+    method, plan = get_method(cfg.method), cfg.plan()
     device = resolve_device(cfg.device)
     t_start = time.perf_counter()
+    seed_everything(cfg.seed)
     work = copy.deepcopy(unwrap(model)).to(device)
     if example_input is None:
         example_input = next(iter(train_loader))[0][:1]
     example_input = example_input.to(device)
-    base_prof = profile(work, example_input)
+    calib = calibration_loader if calibration_loader is not None else train_loader
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    state: dict[str, Any] | None = None
-    if resume:
-        if ckpt_path is None:
-            raise ValueError("resume=True needs checkpoint_dir (the folder of the run to continue)")
-        if not ckpt_path.exists():
-            raise FileNotFoundError(f"resume: no checkpoint at {ckpt_path}; run without resume first")
-        state = _load_checkpoint(ckpt_path, cfg, device)
-        try:
-            work.load_state_dict(state["base_model"])
-        except RuntimeError as exc:
-            raise ValueError(
-                f"checkpoint {ckpt_path} belongs to another model ({_first_line(exc)}); resume it with the "
-                "base model it was started from, or start afresh without resume"
-            ) from None
-    work_ddp = _ddp(work, device)  # under torchrun: gradients averaged over the processes
-
-    # the first C step also checks the layer globs, the ranks and the reachability of the target: before any
-    # training or evaluation
-    engine, cfg = build_engine(cfg, work, example_input, iters_per_epoch)
+    if resume and ckpt_path is None:
+        raise ValueError("resume=True needs checkpoint_dir (the folder of the run to continue)")
+    ckpt = _check_resume(ckpt_path, cfg, work) if resume and ckpt_path is not None and ckpt_path.exists() else None
+    stage = ckpt["stage"] if ckpt is not None else None
+    identity = _identity(cfg, work)
+    teacher = _teacher(model, device) if cfg.kd_weight > 0 else None
+    base_prof = profile(work, example_input)
+    comp = method.build(work, example_input, calibration=calib, **cfg.engine_kwargs())
     if base_acc is None and val_loader is not None:
-        base_acc = state["base_acc"] if state is not None else _acc(work, val_loader, device, cfg)
-    log_rows: list[dict[str, Any]] = []
-    base_state = {k: v.detach().clone() for k, v in work.state_dict().items()}
-    epoch_counter = 0
-    start_step = 0
-    if state is not None:
-        try:
-            work.load_state_dict(state["model"])
-        except RuntimeError as exc:
-            raise ValueError(f"checkpoint {ckpt_path} belongs to another model ({_first_line(exc)})") from None
-        try:
-            engine.load_state_dict(state["engine"])
-        except ValueError as exc:
-            raise ValueError(f"checkpoint {ckpt_path}: {exc}") from None
-        log_rows = list(state["log"])
-        start_step = int(state["step"])
-        epoch_counter = int(state["epoch_counter"])
-        set_rng_state(state["rng"])
+        base_acc = (ckpt["extra"] or {}).get("base_acc") if ckpt is not None else _acc(work, val_loader, device, cfg)
+    if progress and is_main_process():
+        print(f"[{cfg.method}] epochs: {plan.describe()}", flush=True)
+    common = {"device": device, "amp": cfg.amp, "channels_last": cfg.channels_last, "grad_clip": cfg.grad_clip,
+              "label_smoothing": cfg.label_smoothing, "teacher": teacher, "kd_weight": cfg.kd_weight,
+              "kd_temperature": cfg.kd_temperature, "checkpoint_path": ckpt_path, "writer": WRITER, "seed": cfg.seed,
+              "progress": progress}
+    log = _MemoryLog()
 
-    def kept() -> str:
-        if ckpt_path is None or not ckpt_path.is_file():
-            return "No checkpoint was written"
-        return (f"The last good checkpoint {ckpt_path} is unchanged: resume from it (with a lower lr) or start "
-                "afresh")
+    def extra(more: dict[str, Any] | None = None) -> Any:
+        def get() -> dict[str, Any]:
+            return {"run": identity, "base_acc": base_acc, "compression": comp.state_dict(), "log": log.rows,
+                    **(more or {})}
+        return get
 
-    def train_epoch(model: nn.Module, where: str, **kw: Any) -> Any:
-        try:
-            st = train_one_epoch(model, train_loader, device=device, amp=cfg.amp, channels_last=cfg.channels_last,
-                                 label_smoothing=cfg.label_smoothing, progress=False, desc=where, **kw)
-        except NonFiniteLossError as exc:
-            raise NonFiniteLossError(f"{where}: {exc} {kept()}") from None
-        _sync_buffers(unwrap(model))
-        bad = _nonfinite(unwrap(model))
-        if bad:
-            raise NonFiniteLossError(
-                f"{where}: the weights became NaN/inf ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) "
-                f"although every batch loss was finite: training diverged; lower the learning rate. {kept()}"
-            )
-        return st
-
-    def save(phase: str, step: int, model_state: dict[str, Tensor], extra: dict[str, Any] | None = None) -> None:
-        if ckpt_path is None or not is_main_process():
-            return
-        atomic_torch_save(
-            {
-                "format": CHECKPOINT_FORMAT,
-                "version": CHECKPOINT_VERSION,
-                "method": cfg.method,
-                "phase": phase,
-                "step": step,
-                "epoch_counter": epoch_counter,
-                "base_model": base_state,
-                "base_acc": base_acc,
-                "model": model_state,
-                "engine": engine.state_dict(),
-                "log": log_rows,
-                "rng": get_rng_state(),
-                "config": json.dumps(cfg.to_dict(), default=str),
-                **(extra or {}),
-            },
-            ckpt_path,
-        )
+    def restore(state: dict[str, Any]) -> None:
+        comp.load_state_dict(state["compression"])
+        log.rows[:] = list(state.get("log") or [])
 
     # ---------------------------------------------------------------- LC steps (learning methods only)
-    steps = cfg.steps if method.learns else 0
-    if state is None or state["phase"] == "lc":
-        bar = _progress(range(start_step, steps), progress, desc=f"{cfg.method} LC steps", total=steps,
-                        initial=start_step)
-        for step in bar:
-            if not (cfg.skip_converged and engine.converged):
-                opt = make_optimizer(work.parameters(), name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
-                                     nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
-                sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.lr_decay)
-                for e in range(cfg.epochs_per_step):
-                    _seed_epoch(train_loader, cfg.seed, epoch_counter)
-                    st = train_epoch(work_ddp, f"L step {step + 1}/{steps}, epoch {e + 1}/{cfg.epochs_per_step}",
-                                     optimizer=opt, extra_loss=engine.penalty)
-                    sched.step()
-                    epoch_counter += 1
-                    log_rows.append({"phase": "lc", "step": step + 1, "epoch": epoch_counter, "mu": engine.mu,
-                                     "train_loss": st.loss, "penalty": st.extra_loss, "train_acc": st.acc,
-                                     "seconds": st.seconds})
-            engine.step()
-            h = engine.history[-1]
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(SR=f"{h['sr']:.2f}", lam=f"{h['lam']:.2g}", mu=f"{h['mu']:.2g}",
-                                dist=f"{h['distance']:.2g}")
-            save("lc", step + 1, work.state_dict())
+    lc_done = 0
+    if plan.lc_epochs and stage != "finetune":
+        sched = cfg.schedule(_len(train_loader), comp.scale_range)
+        comp.set_schedule(**{k: v for k, v in sched.items() if k != "mu_final"})
+        if ckpt is None:
+            comp.start()
+        lc_hist = fit(work, train_loader, val_loader, epochs=plan.lc_epochs, stage="lc", resume=ckpt is not None,
+                      extra_loss=comp.penalty, extra_state=(extra(), restore), on_epoch_end=_c_step_hook(
+                          comp, cfg, plan), describe=lambda e: f"L step {e // plan.epochs_per_step + 1}/"
+                      f"{plan.lc_steps}, epoch {e % plan.epochs_per_step + 1}/{plan.epochs_per_step}",
+                      log=log, optimizer=_lc_optimizer(work, comp, cfg), scheduler=None, **common,
+                      **_lc_scheduler_kw(cfg, plan))
+        lc_done = len(lc_hist)
+    elif stage == "finetune":
+        restore(ckpt["extra"])  # type: ignore[index]
+        lc_done = int(ckpt["extra"].get("lc_epochs_done", plan.lc_epochs))  # type: ignore[index]
+    else:
+        comp.start()
 
-    # ---------------------------------------------------------------- deploy, then fine-tune
-    small = engine.compressed_model().to(device)
-    resumed_ft = state is not None and state["phase"] == "finetune"
-    acc_before = state["acc_before"] if resumed_ft else _acc(small, val_loader, device, cfg)
-    ft_epochs = cfg.finetune_epochs
-    if cfg.equal_budget and not method.learns:
-        ft_epochs += cfg.steps * cfg.epochs_per_step
-    opt = make_optimizer(small.parameters(), name=cfg.optimizer, lr=cfg.finetune_lr, momentum=cfg.momentum,
+    # ---------------------------------------------------------------- deploy, re-estimate BatchNorm, fine-tune
+    small = comp.compressed_model().to(device)
+    if stage == "finetune":
+        acc_before = ckpt["extra"].get("acc_before")  # type: ignore[index]
+    else:
+        if cfg.recalibrate_bn:
+            recalibrate_batchnorm(small, calib, cfg.bn_batches)
+        acc_before = _acc(small, val_loader, device, cfg)
+    ft_epochs = plan.finetune + (plan.lc_epochs - lc_done)  # LC epochs skipped once converged go to fine-tuning
+    opt = make_optimizer(small, name=cfg.optimizer, lr=cfg.finetune_lr, momentum=cfg.momentum,
                          nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
-    sched = make_scheduler(opt, name="cosine", epochs=max(ft_epochs, 1))
-    ft_start = 0
-    if resumed_ft:
-        small.load_state_dict(state["small"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        ft_start = int(state["ft_epoch"])
-
-    def save_ft(done: int) -> None:
-        save("finetune", steps, work.state_dict(), {
-            "small": small.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "ft_epoch": done, "acc_before": acc_before,
-        })
-
-    if not resumed_ft:
-        # the deployed model as built from the factors of the last C step: a resume rebuilds the factors from Θ,
-        # equal only up to rounding, so without this checkpoint a run killed between the last C step and the
-        # first fine-tuning checkpoint would not resume bit-identically
-        save_ft(0)
-    small_ddp = _ddp(small, device) if ft_start < ft_epochs else small
-    for ep in _progress(range(ft_start, ft_epochs), progress, desc="fine-tune", total=ft_epochs, initial=ft_start):
-        _seed_epoch(train_loader, cfg.seed, epoch_counter)
-        st = train_epoch(small_ddp, f"fine-tuning epoch {ep + 1}/{ft_epochs}", optimizer=opt)
-        sched.step()
-        epoch_counter += 1
-        row = {"phase": "finetune", "epoch": epoch_counter, "train_loss": st.loss, "train_acc": st.acc,
-               "seconds": st.seconds}
-        log_rows.append(row)
-        save_ft(ep + 1)
+    fit(small, train_loader, val_loader, epochs=ft_epochs, stage="finetune", resume=stage == "finetune",
+        optimizer=opt, scheduler=make_scheduler(opt, "cosine", epochs=max(ft_epochs, 1)), epoch_offset=lc_done,
+        extra_state=(extra({"acc_before": acc_before, "lc_epochs_done": lc_done}), restore),
+        describe=lambda e: f"fine-tuning epoch {e + 1}/{ft_epochs}", log=log, **common)
     acc = _acc(small, val_loader, device, cfg)
-    comp_prof = profile(small, example_input)
+    history = getattr(comp, "history", [])
+    learned = method.learns and bool(history)
     return Result(
-        model=small,
-        method=cfg.method,
-        ranks=engine.ranks,
-        full_ranks=full_ranks(engine),
-        lam=engine.lam,
-        target_sr=cfg.target_sr,
-        base=base_prof,
-        compressed=comp_prof,
-        base_acc=base_acc,
-        acc_before_finetune=acc_before,
-        acc=acc,
-        history=engine.history,
-        log=log_rows,
-        config=cfg.to_dict(),
-        seconds=time.perf_counter() - t_start,
+        model=small, method=cfg.method, ranks=dict(comp.ranks), full_ranks=full_ranks(comp), lam=comp.lam,
+        target_sr=cfg.target_sr, base=base_prof, compressed=profile(small, example_input), base_acc=base_acc,
+        acc_before_finetune=acc_before, acc=acc, history=history, log=log.rows, config=cfg.to_dict(),
+        plan={"lc_steps": plan.lc_steps, "epochs_per_step": plan.epochs_per_step, "lc_epochs": lc_done,
+              "finetune": ft_epochs, "total": lc_done + ft_epochs},
+        w_theta_final=history[-1]["distance"] if learned else None, seconds=time.perf_counter() - t_start,
     )
 
 
-def _first_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:300] + (" ..." if len(text) > 300 else "")
+class _MemoryLog:
+    """Per-epoch rows kept in memory for :func:`fit` (they travel in the checkpoint and end in ``Result.log``)."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.rows.append(dict(row))
+
+    def truncate(self, n: int) -> None:
+        del self.rows[n:]
 
 
-def _nonfinite(module: nn.Module) -> list[str]:
-    """Names of the floating-point parameters and buffers of ``module`` holding a NaN or an inf."""
-    return [k for k, v in module.state_dict().items()
-            if isinstance(v, Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+def _c_step_hook(comp: Any, cfg: CompressConfig, plan: EpochPlan) -> Any:
+    """The end-of-epoch hook of the LC phase: a C step after every ``epochs_per_step`` epochs."""
+
+    def hook(epoch: int, row: dict[str, Any]) -> dict[str, Any] | None:
+        out: dict[str, Any] = {"phase": "lc", "mu": comp.mu}
+        if epoch % plan.epochs_per_step:
+            return out
+        comp.step()
+        h = comp.history[-1]
+        out.update({"step": h["step"], "sr": h["sr"], "lam": h["lam"], "distance": h["distance"]})
+        if cfg.skip_converged and comp.converged and epoch < plan.lc_epochs:
+            out["stop"] = True
+        return out
+
+    return hook
 
 
-def _ddp(module: nn.Module, device: torch.device) -> nn.Module:
-    """``module`` wrapped in DistributedDataParallel when running under torch.distributed with > 1 process."""
-    if world_size() <= 1:
-        return module
-    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" \
-        else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+def _lc_optimizer(model: nn.Module, comp: Any, cfg: CompressConfig) -> torch.optim.Optimizer:
+    """The L steps' optimizer: the compressed layers' weights get ``lc_weight_decay``, the rest ``weight_decay``."""
+    held = {id(p) for p in comp.decayed_parameters()}
+    groups = [{"params": [p for p in model.parameters() if id(p) in held], "weight_decay": cfg.lc_weight_decay},
+              {"params": [p for p in model.parameters() if id(p) not in held]}]
+    return make_optimizer(groups, name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                          weight_decay=cfg.weight_decay)
 
 
-def _sync_buffers(module: nn.Module) -> None:
-    """Under torch.distributed: rank 0's buffers (BatchNorm running statistics) on every process. DDP syncs them
-    at the start of each forward only, so after an epoch every process holds the statistics of its own last
-    batch; the C step, the checkpoint and the returned model must not depend on the process."""
-    if world_size() <= 1:
-        return
-    for b in module.buffers():
-        if b.is_floating_point():
-            torch.distributed.broadcast(b.data, src=0)
+def _lc_scheduler_kw(cfg: CompressConfig, plan: EpochPlan) -> dict[str, Any]:
+    if cfg.lr_schedule == "cosine":
+        return {"sched_cfg": {"name": "cosine", "epochs": plan.lc_epochs}}
+    return {"sched_cfg": {"name": "exp", "gamma": cfg.lr_decay, "epochs": plan.epochs_per_step,
+                          "cycle": plan.epochs_per_step}}
 
 
-def _load_checkpoint(path: Path, cfg: CompressConfig, device: torch.device) -> dict[str, Any]:
-    """Read a :func:`compress` checkpoint; a clear ``ValueError`` for anything else or another run's."""
+def _teacher(model: nn.Module, device: torch.device) -> nn.Module:
+    t = copy.deepcopy(unwrap(model)).to(device).eval()
+    for p in t.parameters():
+        p.requires_grad_(False)
+    return t
+
+
+def _len(loader: Iterable[Any]) -> int | None:
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # truncated, random bytes, pickled objects refused by weights_only
-        raise ValueError(
-            f"checkpoint {path} cannot be read ({load_error_reason(exc)}); it is not a checkpoint of ltc.compress "
-            "or it is damaged: start afresh without resume"
-        ) from None
-    if not isinstance(state, dict) or "engine" not in state or state.get("format", CHECKPOINT_FORMAT) != \
-            CHECKPOINT_FORMAT:
-        what = f"format {state.get('format')!r}" if isinstance(state, dict) and state.get("format") else (
-            "a plain dict" if isinstance(state, dict) else f"a {type(state).__name__}")
-        raise ValueError(
-            f"checkpoint {path} is not a checkpoint of ltc.compress (it holds {what}); point checkpoint_dir at "
-            "a compression run's folder, or start afresh without resume"
-        )
-    if state.get("version") != CHECKPOINT_VERSION or state.get("method") != cfg.method:
-        raise ValueError(
-            f"checkpoint {path} was written by another ltc version or method ({state.get('method')!r}, "
-            f"checkpoint version {state.get('version')!r}, this ltc writes {CHECKPOINT_VERSION}); start afresh "
-            "without --resume or use another checkpoint dir"
-        )
-    try:
-        saved = json.loads(state.get("config") or "{}")
-    except (TypeError, ValueError):
-        saved = {}
-    now = json.loads(json.dumps(cfg.to_dict(), default=str))
-    diff = [k for k in _IDENTITY_KEYS if k in saved and saved[k] != now.get(k)]
-    if diff:
-        pairs = ", ".join(f"{k}: {saved[k]!r} -> {now.get(k)!r}" for k in diff)
-        raise ValueError(
-            f"checkpoint {path} belongs to a run with other settings ({pairs}); resume with the run's settings, "
-            "or start afresh in another checkpoint dir"
-        )
-    return state
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:  # an iterable-style loader has no length
+        return None
 
 
-def _progress(it: Iterable[Any], enabled: bool, **kw: Any) -> Any:
-    if not enabled or not is_main_process():
-        return it
-    from tqdm.auto import tqdm
-
-    return tqdm(it, leave=False, **kw)
+def _acc(model: nn.Module, loader: Iterable[Any] | None, device: torch.device, cfg: CompressConfig) -> float | None:
+    if loader is None:
+        return None
+    return float(evaluate(model, loader, device=device, amp=cfg.amp, channels_last=cfg.channels_last).acc)

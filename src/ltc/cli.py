@@ -14,26 +14,23 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
-import importlib.util
-import inspect
 import logging
 import math
 import os
 import sys
 import time
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from . import config as cfgmod
-from . import runs
+from . import pipelines, runs
 from .cost import format_count, profile
-from .utils import atomic_write_text, is_main_process, resolve_device, seed_everything
+from .methods import list_methods
+from .settings import METRICS, OPTIMIZERS, SCHEDULES, WEIGHTINGS
+from .utils import is_main_process
 
 __all__ = ["main", "build_parser", "SLIDES_FLOPS"]
 
@@ -54,7 +51,7 @@ UNITS_EPILOG = (
     "params. Measured CPU speed-up is reported separately and never called SR."
 )
 
-_DIGITS = "digits"
+_DIGITS = pipelines.DIGITS
 
 
 def _say(*msg: Any) -> None:
@@ -141,10 +138,10 @@ def _train_opts(p: argparse.ArgumentParser) -> None:
     f = _Flags(g)
     f("--epochs", key="train.epochs", type=int, help="epochs (default 10)")
     f("--lr", key="train.lr", type=float, help="learning rate (default 0.1)")
-    f("--optimizer", key="train.optimizer", choices=("sgd", "adam", "adamw"), help="default sgd (Nesterov)")
+    f("--optimizer", key="train.optimizer", choices=OPTIMIZERS, help="default sgd (Nesterov)")
     f("--momentum", key="train.momentum", type=float, help="SGD momentum (default 0.9)")
     f("--weight-decay", key="train.weight_decay", type=float, help="default 5e-4")
-    f("--schedule", key="train.schedule", choices=("cosine", "step", "exp", "none"), help="LR schedule per epoch")
+    f("--schedule", key="train.schedule", choices=SCHEDULES, help="LR schedule per epoch")
     f("--warmup-epochs", key="train.warmup_epochs", type=int, help="linear LR warm-up epochs")
     f("--label-smoothing", key="train.label_smoothing", type=float, help="default 0")
     f("--amp", key="train.amp", action="store_true", help="mixed precision (CUDA only)")
@@ -154,9 +151,10 @@ def _train_opts(p: argparse.ArgumentParser) -> None:
 def _compress_opts(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     g = p.add_argument_group("compression")
     f = _Flags(g)
-    f("--method", key="compress.method", choices=("ltc", "lrc", "oneshot", "vbmf", "uniform"),
+    f("--method", key="compress.method", choices=list_methods(),
       help="ltc (the paper: learned Tucker-2 ranks), lrc (learned matrix ranks), oneshot (one LTC C step, no "
-           "learning), vbmf (Tucker-2 with EVBMF ranks), uniform (one rank fraction); default ltc")
+           "learning), vbmf (Tucker-2 with EVBMF ranks), uniform (one rank fraction), prune (Torch-Pruning channel "
+           "pruning; pip install -e '.[prune]'); default ltc")
     if not sweep:
         mx = g.add_mutually_exclusive_group()
         _Flags(mx)("--lam", key="compress.lam", type=float, metavar="λ",
@@ -167,17 +165,26 @@ def _compress_opts(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
       help="compress only layers whose module name matches (fnmatch), e.g. 'layer1.*' conv1 features.0 — the "
            "slides' layer analysis; a glob matching nothing is an error")
     f("--exclude", key="compress.exclude", action="extend", nargs="+", metavar="GLOB", help="leave these dense")
+    f("--epochs", key="compress.epochs", type=int,
+      help="the whole epoch budget: LC steps then fine-tuning for ltc/lrc, fine-tuning for the others")
     f("--steps", key="compress.steps", type=int, help="LC steps (C steps) (default 10)")
     f("--epochs-per-step", key="compress.epochs_per_step", type=int, help="epochs of each L step (default 1)")
-    f("--finetune-epochs", key="compress.finetune_epochs", type=int, help="fine-tuning epochs, ranks fixed (default 5)")
+    f("--finetune-epochs", key="compress.finetune_epochs", type=int,
+      help="fine-tuning epochs, ranks fixed (default: what --epochs leaves, else 5)")
     f("--lr", key="compress.lr", type=float, help="L-step learning rate, restarted each step (default 0.01)")
     f("--finetune-lr", key="compress.finetune_lr", type=float, help="fine-tuning learning rate (default 0.01)")
     f("--mu0", key="compress.mu0", type=float, help="first penalty weight μ0 (default 1e-3)")
     f("--mu-growth", key="compress.mu_growth", type=float,
       help="μ grows by this factor per step (default: automatic, so that the last L step closes W − Θ)")
-    f("--weighting", key="compress.weighting", choices=("relative", "absolute"),
+    f("--weighting", key="compress.weighting", choices=WEIGHTINGS,
       help="compare layers' errors relative to their weight norms (default) or in absolute terms (SPEC §3)")
+    f("--metric", key="compress.metric", choices=METRICS,
+      help="measure each layer's error in weight space (the slides) or on its inputs ('data')")
     f("--cost", key="compress.cost", choices=("macs", "params"), help="what λ / the budget counts (default macs)")
+    f("--rank-multiple", key="compress.rank_multiple", type=int, help="ranks are multiples of this (default 1)")
+    f("--kd-weight", key="compress.kd_weight", type=float,
+      help="distil from the base model during L steps and fine-tuning: weight of the KD term in [0, 1]")
+    f("--kd-temperature", key="compress.kd_temperature", type=float, help="distillation temperature (default 4)")
     f("--compress-linear", key="compress.compress_linear", action="store_true",
       help="also compress nn.Linear layers by SVD (the slides keep them dense)")
     f("--min-rank", key="compress.min_rank", type=int, help="smallest rank per axis (default 1)")
@@ -234,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     # compress
     p = add("compress", "compress a trained model (LTC or a baseline) and fine-tune it",
             "Compress the base model of a run, then fine-tune with ranks fixed. Writes <out>/result.json, "
-            "model.pt, log.csv, compress.pt (checkpoint after every LC step and fine-tuning epoch; --resume) and "
+            "model.pt, log.csv, checkpoint.pt (after every epoch; --resume) and "
             "the rank-distribution and trajectory plots. With a config holding 'variants' (Table 4 methods, "
             "layer-analysis rows) every variant runs into <out>/<variant name>.")
     p.add_argument("--base", metavar="RUN_OR_MODEL",
@@ -381,180 +388,7 @@ def _progress(cfg: dict[str, Any]) -> bool:
     return bool(cfg["run"]["progress"]) and is_main_process()
 
 
-# ================================================================================================ data
-
-
-def _build_data(cfg: dict[str, Any], base: runs.LoadedModel | None, *, progress: bool,
-                augment: bool | None = None) -> tuple[Any, dict[str, Any]]:
-    """The data bundle for ``cfg``; with a ``base`` model, sized / normalised / split as it was trained."""
-    from . import data as ltc_data
-
-    d = cfg["data"]
-    bd = base.data if base is not None else {}
-    source = d["source"] or bd.get("source")
-    if source is None:
-        if base is not None:
-            raise ValueError(f"the base model {base.path} records no data source; pass --data SOURCE")
-        source = _DIGITS
-    same = base is not None and runs.canonical_source(source) == runs.canonical_source(bd.get("source", ""))
-    image_size = d["image_size"] or bd.get("image_size")
-    channels = d["channels"] or bd.get("channels") or cfg["model"]["in_channels"]
-    val_fraction = d["val_fraction"] if d["val_fraction"] is not None else (
-        bd.get("val_fraction") if same and bd.get("val_fraction") is not None else 0.1)
-    seed = d["seed"] if d["seed"] is not None else (
-        bd.get("seed") if same and bd.get("seed") is not None else cfg["run"]["seed"])
-    mean = std = None
-    if bd.get("mean") and bd.get("std") and (channels is None or len(bd["mean"]) == channels):
-        mean, std = bd["mean"], bd["std"]
-    bundle = ltc_data.build(source, image_size=image_size, channels=channels, val_fraction=val_fraction, seed=seed,
-                            augment=d["augment"] if augment is None else augment, in_memory=d["in_memory"],
-                            mean=mean, std=std, progress=progress)
-    name = d["name"] or (bd.get("name") if same else None)
-    info = runs.data_info(bundle, val_fraction=val_fraction, seed=seed, name=name)
-    if base is not None:
-        _check_classes(base, bundle)
-    return bundle, info
-
-
-def _check_classes(base: runs.LoadedModel, bundle: Any) -> None:
-    n_out = _num_outputs(base.model)
-    if n_out is not None and n_out != bundle.num_classes:
-        raise ValueError(f"the model has {n_out} outputs but {bundle.source} has {bundle.num_classes} classes "
-                         f"({', '.join(bundle.classes[:10])}); use data with the classes the model was trained on")
-    classes = base.data.get("classes")
-    if classes and list(classes) != list(bundle.classes):
-        raise ValueError(f"{bundle.source} has classes {bundle.classes[:10]}, but the model was trained on "
-                         f"{list(classes)[:10]} (order matters); use data with the same classes")
-
-
-def _num_outputs(model: nn.Module) -> int | None:
-    cfg = getattr(model, "ltc_config", None)
-    if isinstance(cfg, dict) and isinstance(cfg.get("num_classes"), int):
-        return int(cfg["num_classes"])
-    return None
-
-
-def _loaders(bundle: Any, cfg: dict[str, Any], seed: int, *, shard: bool = False) -> tuple[Any, Any]:
-    """Seeded train / val loaders; ``shard``: under torchrun each process gets its own part of the train set
-    (only for DDP-wrapped training, where gradients are averaged)."""
-    from . import data as ltc_data
-
-    d = cfg["data"]
-    train, val = ltc_data.loaders(bundle, batch_size=d["batch_size"], workers=d["workers"], seed=seed,
-                                  eval_batch_size=d["eval_batch_size"])
-    if shard and _world() > 1:
-        from torch.utils.data import DataLoader, DistributedSampler
-
-        sampler = DistributedSampler(bundle.train, shuffle=True, seed=seed, drop_last=True)
-        train = DataLoader(bundle.train, batch_size=d["batch_size"], sampler=sampler, num_workers=d["workers"],
-                           worker_init_fn=ltc_data.seed_worker if d["workers"] > 0 else None)
-    return train, val
-
-
-# =========================================================================================== distributed
-
-
-def _world() -> int:
-    from .utils import world_size
-
-    return world_size()
-
-
-def _maybe_init_distributed(device: str) -> str:
-    """Under torchrun (WORLD_SIZE > 1): initialise the process group; returns the device this process uses."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not torch.distributed.is_available():
-        return device
-    dev = resolve_device(device)
-    if not torch.distributed.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend=backend)
-    if dev.type == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return f"cuda:{local}"
-    return str(dev)
-
-
 # ============================================================================================== train
-
-
-def _example(shape: Sequence[int], device: torch.device | str = "cpu", batch: int = 1) -> torch.Tensor:
-    return torch.zeros(batch, *shape, device=device)
-
-
-def _load_weights(model: nn.Module, ref: str) -> None:
-    loaded = runs.load_model(ref)
-    try:
-        model.load_state_dict(loaded.model.state_dict())
-    except RuntimeError as exc:
-        raise ValueError(f"model.checkpoint {ref}: the weights do not fit {type(model).__name__} ({str(exc)[:300]})") \
-            from None
-
-
-def run_train(cfg: dict[str, Any], out: Path, *, resume: bool = False, overwrite: bool = False,
-              bundle_info: tuple[Any, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Train ``cfg``'s model into the run folder ``out``; returns the result dict (also in result.json)."""
-    from . import models
-    from .train import RunLog, evaluate, fit
-
-    m, t, r = cfg["model"], cfg["train"], cfg["run"]
-    if not m["name"]:
-        raise ValueError("no model to train: pass --model NAME (ltc profile --list) or set model.name in --config")
-    if ":" in m["name"]:
-        raise ValueError("ltc train builds zoo models only (model.name); profile accepts module:callable paths")
-    device = resolve_device(_maybe_init_distributed(r["device"]))
-    progress = _progress(cfg)
-    out = runs.prepare_out(out, resume=resume, overwrite=overwrite, what="training run")
-    seed_everything(r["seed"])
-    if bundle_info is None:
-        _say(f"[data] {cfg['data']['source'] or _DIGITS}")
-    bundle, info = bundle_info if bundle_info is not None else _build_data(cfg, None, progress=progress)
-    _say(f"       {len(bundle.train)} train / {len(bundle.val) if bundle.val is not None else 0} val images, "
-         f"{bundle.num_classes} classes, input {'x'.join(map(str, bundle.input_shape))}")
-    if m["num_classes"] is not None and m["num_classes"] != bundle.num_classes:
-        raise ValueError(f"model.num_classes is {m['num_classes']} but {bundle.source} has {bundle.num_classes} "
-                         "classes; drop --num-classes to use the data's")
-    model = models.create(m["name"], num_classes=bundle.num_classes, width=m["width"], in_channels=bundle.in_channels)
-    if m["checkpoint"]:
-        _load_weights(model, m["checkpoint"])
-    x = _example(bundle.input_shape)
-    prof = profile(model, x)
-    dataset = info["name"]
-    runs.write_json(out / runs.RUN_NAME, {"kind": "train", "model": m["name"], "model_config": model.ltc_config,
-                                          "dataset": dataset, "data": info})
-    if is_main_process():
-        atomic_write_text(out / runs.CONFIG_NAME, cfgmod.dump_config(cfg))
-    _say(f"[train] {m['name']} (width {m['width']:g}): {format_count(prof.macs)} MACs per sample, "
-         f"{format_count(prof.params)} params; {t['epochs']} epochs on {device} -> {out}")
-    train_loader, val_loader = _loaders(bundle, cfg, info["seed"], shard=True)
-    net: nn.Module = model.to(device)
-    if _world() > 1:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    sched = None if t["schedule"] == "none" and t["warmup_epochs"] == 0 else {
-        "name": t["schedule"], "warmup_epochs": t["warmup_epochs"]}
-    t0 = time.perf_counter()
-    history = fit(net, train_loader, val_loader, epochs=t["epochs"],
-                  opt_cfg={"name": t["optimizer"], "lr": t["lr"], "momentum": t["momentum"],
-                           "nesterov": t["nesterov"], "weight_decay": t["weight_decay"]},
-                  sched_cfg=sched, device=device, checkpoint_path=out / runs.TRAIN_CHECKPOINT, resume=resume,
-                  log=RunLog(out), progress=progress, amp=t["amp"], channels_last=t["channels_last"],
-                  grad_clip=t["grad_clip"], label_smoothing=t["label_smoothing"], seed=r["seed"])
-    seconds = time.perf_counter() - t0
-    acc = history[-1].get("val_acc") if history else None
-    if acc is None and val_loader is not None:
-        acc = evaluate(model, val_loader, device=device).acc
-    model = model.cpu().eval()
-    result = {
-        "kind": "train", "model": m["name"], "dataset": dataset, "acc": acc, "macs": prof.macs,
-        "params": prof.params, "epochs": t["epochs"], "seconds": seconds, "model_config": model.ltc_config,
-        "data": info, "history": history, "config": cfg,
-    }
-    runs.save_model(model, out / runs.MODEL_NAME, meta={"kind": "train", "model": m["name"], "dataset": dataset,
-                                                        "data": info, "acc": acc})
-    runs.write_json(out / runs.RESULT_NAME, result)
-    _say(f"[train] done in {seconds:.0f} s: val acc {_pct(acc)} %, {format_count(prof.macs)} MACs per sample, "
-         f"{format_count(prof.params)} params -> {out / runs.MODEL_NAME}")
-    return result
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -562,36 +396,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     src = cfg["data"]["source"] or _DIGITS
     name = cfg["model"]["name"] or "model"
     out = Path(args.out) if args.out else _root(cfg, f"{name}_{runs.dataset_key(src)}") / "base"
-    run_train(cfg, out, resume=args.resume, overwrite=args.overwrite)
+    pipelines.train_run(cfg, out, resume=args.resume, overwrite=args.overwrite, say=_say)
     return 0
 
 
 # =========================================================================================== compress
-
-
-def _check_compress(cfg: dict[str, Any], model: nn.Module) -> None:
-    """Up-front checks before any data is read: λ / target rules and the layer globs."""
-    from .engine import select_layers
-    from .methods import get_method
-
-    c = cfg["compress"]
-    method = get_method(c["method"])
-    if (method.learns or c["method"] == "oneshot") and (c["lam"] is None) == (c["target_sr"] is None):
-        raise ValueError(f"method {c['method']!r} needs exactly one of --lam λ (cost weight) or --target-sr SR "
-                         "(budget mode); set compress.lam or compress.target_sr in the config")
-    if not method.learns and c["method"] != "oneshot" and c["lam"] is not None:
-        raise ValueError(f"method {c['method']!r} picks its ranks without λ; drop --lam (use --target-sr or "
-                         "compress.method_options)")
-    select_layers(model, c["include"], c["exclude"], c["compress_linear"])
-
-
-def _auto_label(cfg: dict[str, Any]) -> str:
-    c = cfg["compress"]
-    if c["target_sr"] is not None:
-        return f"{c['method']}_sr{c['target_sr']:g}"
-    if c["lam"] is not None:
-        return f"{c['method']}_lam{c['lam']:g}"
-    return str(c["method"])
 
 
 def _default_base(cfg: dict[str, Any], args: argparse.Namespace) -> Path:
@@ -613,100 +422,6 @@ def _compress_root(cfg: dict[str, Any], base: Path) -> Path:
     return base_dir.parent if base_dir.name == "base" else base_dir.parent / base_dir.name
 
 
-def run_compress(cfg: dict[str, Any], base_ref: str | Path, out: Path, *, resume: bool = False,
-                 overwrite: bool = False, base: runs.LoadedModel | None = None,
-                 bundle_info: tuple[Any, dict[str, Any]] | None = None, plots: bool = True,
-                 summary: bool = True) -> dict[str, Any]:
-    """Compress the base model into the run folder ``out``; returns the result dict (also in result.json)."""
-    from .api import compress
-    from .latency import compare_latency
-    from .methods import get_method
-
-    r = cfg["run"]
-    device = _maybe_init_distributed(r["device"])
-    resolve_device(device)
-    base = base if base is not None else runs.load_model(base_ref)
-    _check_compress(cfg, base.model)
-    ccfg = cfgmod.compress_config(cfg)
-    ccfg.device = device
-    label = r["label"] or _auto_label(cfg)
-    if resume and (out / runs.RESULT_NAME).is_file() and (out / runs.MODEL_NAME).is_file():
-        _say(f"[compress] {out} is already complete; skipping (use --overwrite to redo it)")
-        return runs.read_json(out / runs.RESULT_NAME)
-    out = runs.prepare_out(out, resume=resume, overwrite=overwrite, what="compression run")
-    if resume and not (out / "compress.pt").is_file():
-        resume = False  # nothing to resume yet: start afresh
-    progress = _progress(cfg)
-    seed_everything(ccfg.seed)
-    bundle, info = bundle_info if bundle_info is not None else _build_data(cfg, base, progress=progress)
-    if base.input_shape is not None and tuple(bundle.input_shape) != base.input_shape:
-        raise ValueError(f"the base model was trained on {'x'.join(map(str, base.input_shape))} inputs, the data "
-                         f"gives {'x'.join(map(str, bundle.input_shape))}")
-    # under torchrun ltc.api.compress trains DDP-wrapped: each process takes its share of the data
-    train_loader, val_loader = _loaders(bundle, cfg, info["seed"], shard=True)
-    if is_main_process():
-        atomic_write_text(out / runs.CONFIG_NAME, cfgmod.dump_config(cfg))
-    c = cfg["compress"]
-    goal = f"target SR {c['target_sr']:g}" if c["target_sr"] is not None else (
-        f"λ = {c['lam']:g}" if c["lam"] is not None else "its own rank rule")
-    layers = f", layers {' '.join(c['include'])}" if c["include"] else ""
-    if get_method(c["method"]).learns:
-        plan = f"{c['steps']} LC steps x {_plural(c['epochs_per_step'], 'epoch')}, then " \
-               f"{_plural(c['finetune_epochs'], 'fine-tuning epoch')}"
-    else:
-        extra = c["steps"] * c["epochs_per_step"] if c["equal_budget"] else 0
-        plan = _plural(c["finetune_epochs"] + extra, "fine-tuning epoch") + (
-            f" (incl. the {extra} of the LC steps it skips: the same epoch budget)" if extra else "")
-    _say(f"[compress] {c['method']} with {goal}{layers} on {base.name}: {plan} -> {out}")
-    x = _example(bundle.input_shape)
-    result = compress(base.model, train_loader, example_input=x, val_loader=val_loader, config=ccfg,
-                      checkpoint_dir=out, resume=resume, progress=progress)
-    small = result.model.cpu().eval()
-    base_cpu = base.model.cpu().eval()
-    _say(f"[latency] CPU, batch 1, {_plural(r['latency_threads'], 'thread')}, {r['latency_repeats']} interleaved "
-         "runs of each model")
-    lat = compare_latency(base_cpu, small, _example(bundle.input_shape), threads=r["latency_threads"],
-                          repeats=r["latency_repeats"], device="cpu")
-    d = result.to_dict()
-    d.update({
-        "kind": "compress", "model": base.name, "dataset": info["name"], "label": label,
-        "latency": {"batch1": lat}, "data": info, "base_run": str(base_ref),
-        "model_config": getattr(small, "ltc_config", None), "run_config": cfg,
-    })
-    runs.save_model(small, out / runs.MODEL_NAME, meta={
-        "kind": "compress", "model": base.name, "dataset": info["name"], "data": info, "label": label,
-        "method": result.method, "sr": result.sr, "cr": result.cr, "acc": result.acc,
-    })
-    runs.write_json(out / runs.RESULT_NAME, d)
-    runs.write_rows_csv(out / "log.csv", result.log)
-    if plots and r["plots"]:
-        _run_plots(d, out)
-    if not summary:
-        return d
-    _say(result.summary())
-    _say(f"measured CPU latency (batch 1): base {lat['base_ms']:.3f} ms, compressed {lat['compressed_ms']:.3f} ms, "
-         f"measured speed-up {lat['speedup']:.2f}x (SR {result.sr:.2f} is the theoretical MAC speed-up)")
-    return d
-
-
-def _run_plots(run: dict[str, Any], out: Path, prefix: str = "") -> list[Path]:
-    """Rank distribution (+ trajectories for learning methods) of one run; a failing plot only warns."""
-    if not is_main_process():
-        return []
-    from . import plots
-
-    written: list[Path] = []
-    jobs: list[tuple[str, Callable[..., list[Path]]]] = [("ranks", plots.plot_rank_distribution)]
-    if run.get("history"):
-        jobs.append(("trajectories", plots.plot_trajectories))
-    for name, fn in jobs:
-        try:
-            written += fn(run, out / f"{prefix}{name}")
-        except Exception as exc:  # a figure must never cost a finished run
-            warnings.warn(f"could not draw {name} for {out}: {exc}", stacklevel=2)
-    return written
-
-
 def cmd_compress(args: argparse.Namespace) -> int:
     cfg = _resolve_config(args)
     base_ref = _default_base(cfg, args)
@@ -720,16 +435,16 @@ def cmd_compress(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown variant(s) {', '.join(missing)}; the config has: {', '.join(known) or 'none'}")
         items = [(n, c) for n, c in items if n in args.variant]
     if not items:
-        out = Path(args.out) if args.out else root / (cfg["run"]["label"] or _auto_label(cfg))
-        run_compress(cfg, base_ref, out, resume=args.resume, overwrite=args.overwrite, base=base)
+        out = Path(args.out) if args.out else root / (cfg["run"]["label"] or pipelines.auto_label(cfg))
+        pipelines.compress_run(cfg, base_ref, out, resume=args.resume, overwrite=args.overwrite, base=base, say=_say)
         return 0
     for _, c in items:  # check every variant before the first one runs for hours
-        _check_compress(c, base.model)
+        pipelines.check_layers(c, base.model)
     top = Path(args.out) if args.out else root
     for name, c in items:
         _say(f"\n=== variant {name} ===")
-        run_compress(c, base_ref, top / name, resume=args.resume, overwrite=args.overwrite,
-                     base=runs.load_model(base_ref))
+        pipelines.compress_run(c, base_ref, top / name, resume=args.resume, overwrite=args.overwrite,
+                               base=runs.load_model(base_ref), say=_say)
     _say(f"\n{len(items)} runs in {top}; tables: ltc report {top} (--layers / --compare)")
     return 0
 
@@ -738,49 +453,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .train import RunLog, fit
-
     cfg = _resolve_config(args)
-    src = runs.load_model(args.run)
-    if args.epochs < 1:
-        raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
-    run_dir = src.run_dir or src.path.parent
-    out = Path(args.out) if args.out else run_dir.parent / f"{run_dir.name}_ft"
-    out = runs.prepare_out(out, resume=args.resume, overwrite=args.overwrite, what="fine-tuning run")
-    device = resolve_device(_maybe_init_distributed(cfg["run"]["device"]))
-    progress = _progress(cfg)
-    seed_everything(cfg["run"]["seed"])
-    bundle, info = _build_data(cfg, src, progress=progress)
-    train_loader, val_loader = _loaders(bundle, cfg, info["seed"])
-    lr = args.lr if args.lr is not None else cfg["compress"]["finetune_lr"]
-    c = cfg["compress"]
-    prev = src.result.get("compressed", {}).get("acc") if src.result.get("kind") != "train" else src.result.get("acc")
-    _say(f"[finetune] {src.name} from {src.path}: {args.epochs} epochs at lr {lr:g} on {device} -> {out}")
-    model = src.model.to(device)
-    history = fit(model, train_loader, val_loader, epochs=args.epochs,
-                  opt_cfg={"name": c["optimizer"], "lr": lr, "momentum": c["momentum"], "nesterov": c["nesterov"],
-                           "weight_decay": c["weight_decay"]},
-                  sched_cfg={"name": "cosine"}, device=device, checkpoint_path=out / "finetune.pt",
-                  resume=args.resume, log=RunLog(out), progress=progress, label_smoothing=c["label_smoothing"],
-                  seed=cfg["run"]["seed"])
-    acc = history[-1].get("val_acc") if history else None
-    model = model.cpu().eval()
-    result = copy.deepcopy(src.result) if src.result else {"kind": "train", "model": src.name,
-                                                            "dataset": info["name"]}
-    prof = profile(model, _example(bundle.input_shape))
-    if result.get("kind") == "train":
-        result.update({"acc": acc, "macs": prof.macs, "params": prof.params})
-    else:
-        result.setdefault("compressed", {}).update({"acc": acc, "macs": prof.macs, "params": prof.params})
-        result["label"] = f"{result.get('label') or result.get('method', 'model')} +ft{args.epochs}"
-    result["finetune"] = {"from": str(src.path), "epochs": args.epochs, "lr": lr, "acc_before": prev,
-                          "history": history}
-    result["data"] = info
-    meta = dict(src.meta)
-    meta.update({"acc": acc, "data": info})
-    runs.save_model(model, out / runs.MODEL_NAME, meta=meta)
-    runs.write_json(out / runs.RESULT_NAME, result)
-    _say(f"[finetune] val acc {_pct(prev)} % -> {_pct(acc)} %; saved {out / runs.MODEL_NAME}")
+    pipelines.finetune_run(cfg, args.run, Path(args.out) if args.out else None, epochs=args.epochs, lr=args.lr,
+                           resume=args.resume, overwrite=args.overwrite, say=_say)
     return 0
 
 
@@ -790,53 +465,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from . import data as ltc_data
-    from .train import evaluate
-
-    cfg = _resolve_config(args)
-    src = runs.load_model(args.target)
-    d, bd = cfg["data"], src.data
-    source = d["source"] or bd.get("source")
-    if source is None:
-        raise ValueError(f"{src.path} records no data source; pass --data SOURCE")
-    same = runs.canonical_source(source) == runs.canonical_source(bd.get("source", ""))
-    kw: dict[str, Any] = {
-        "image_size": d["image_size"] or bd.get("image_size"),
-        "channels": d["channels"] or bd.get("channels"),
-        "mean": bd.get("mean"), "std": bd.get("std"), "classes": bd.get("classes"),
-        "val_fraction": d["val_fraction"] if d["val_fraction"] is not None else (
-            bd.get("val_fraction", 0.1) if same else 0.1),
-        "seed": d["seed"] if d["seed"] is not None else (bd.get("seed", 0) if same else cfg["run"]["seed"]),
-        "in_memory": d["in_memory"], "progress": _progress(cfg),
-    }
-    if kw["mean"] is not None and kw["channels"] is not None and len(kw["mean"]) != kw["channels"]:
-        kw["mean"] = kw["std"] = None
-    split = args.split
-    if split is None:
-        try:
-            ds = ltc_data.load_split(source, "test", **kw)
-            split = "test"
-        except ltc_data.DataError:
-            ds = ltc_data.load_split(source, "val", **kw)
-            split = "val"
-    else:
-        ds = ltc_data.load_split(source, split, **kw)
-    n_out = _num_outputs(src.model)
-    if n_out is not None and n_out != ds.num_classes:
-        raise ValueError(f"the model has {n_out} outputs but {source} ({split}) has {ds.num_classes} classes")
-    device = resolve_device(cfg["run"]["device"])
-    loader = ltc_data.eval_loader(ds, batch_size=d["eval_batch_size"] or d["batch_size"], workers=d["workers"])
-    st = evaluate(src.model, loader, device=device, progress=_progress(cfg))
-    c, h, w = ds[0][0].shape
-    prof = profile(src.model.cpu(), _example((c, h, w)))
-    out = {"model": src.name, "path": str(src.path), "data": str(source), "split": split, "samples": st.samples,
-           "acc": st.acc, "loss": st.loss, "macs": prof.macs, "params": prof.params, "input": [c, h, w]}
+    out = pipelines.evaluate_run(_resolve_config(args), args.target, args.split)
     if args.json:
         _say(json.dumps(out, indent=2))
     else:
-        _say(f"{src.name} ({src.path}) on {source} [{split}, {st.samples} images, {c}x{h}x{w}]:\n"
-             f"  accuracy {_pct(st.acc)} %  (loss {st.loss:.4f})\n"
-             f"  {format_count(prof.macs)} MACs per sample, {format_count(prof.params)} params")
+        c, h, w = out["input"]
+        _say(f"{out['model']} ({out['path']}) on {out['data']} [{out['split']}, {out['samples']} images, "
+             f"{c}x{h}x{w}]:\n"
+             f"  accuracy {_pct(out['acc'])} %  (loss {out['loss']:.4f})\n"
+             f"  {format_count(out['macs'])} MACs per sample, {format_count(out['params'])} params")
     return 0
 
 
@@ -867,14 +504,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         sub["run"]["label"] = f"λ={v:g}" if lams else f"SR {v:g}"
         jobs.append((f"lam_{v:g}" if lams else f"sr_{v:g}", sub))
     for _, c in jobs:
-        _check_compress(c, base.model)
-    progress = _progress(cfg)
-    bundle_info = _build_data(cfg, base, progress=progress)
+        pipelines.check_layers(c, base.model)
+    data = pipelines.build_data(cfg, base, progress=_progress(cfg))
     dirs = []
     for i, (name, c) in enumerate(jobs):
         _say(f"\n=== sweep {i + 1}/{len(jobs)}: {c['run']['label']} ===")
-        run_compress(c, base_ref, top / name, resume=args.resume, overwrite=args.overwrite,
-                     base=runs.load_model(base_ref), bundle_info=bundle_info)
+        pipelines.compress_run(c, base_ref, top / name, resume=args.resume, overwrite=args.overwrite,
+                               base=runs.load_model(base_ref), data=data, say=_say)
         dirs.append(top / name)
     if not is_main_process():
         return 0
@@ -932,7 +568,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     written: list[Path] = []
     for r in comp:
         d = Path(r["_path"])
-        written += _run_plots(r, out or d, prefix=f"{d.name}-" if out else "")
+        written += pipelines.run_plots(r, out or d, prefix=f"{d.name}-" if out else "")
     if len(comp) > 1 and is_main_process():
         common = out or Path(os.path.commonpath([str(Path(r["_path"]).resolve()) for r in comp]))
         written += plots.plot_rank_distribution(comp, common / "ranks_all")
@@ -947,7 +583,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from . import io as ltc_io
+    from .export import export_onnx, export_torchscript
 
     if not args.onnx and not args.torchscript:
         raise ValueError("give --onnx PATH and/or --torchscript PATH")
@@ -958,10 +594,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     x = torch.randn(args.batch, c, s, s, generator=torch.Generator().manual_seed(0))
     fold = " (BatchNorm folded)" if args.fold_bn else ""
     if args.onnx:
-        diff = ltc_io.export_onnx(src.model, args.onnx, x, fold_bn=args.fold_bn, opset=args.opset)
+        diff = export_onnx(src.model, args.onnx, x, fold_bn=args.fold_bn, opset=args.opset)
         _say(f"ONNX{fold} -> {args.onnx}: input {args.batch}x{c}x{s}x{s}, max |ONNX Runtime - PyTorch| = {diff:.3g}")
     if args.torchscript:
-        diff = ltc_io.export_torchscript(src.model, args.torchscript, x, fold_bn=args.fold_bn)
+        diff = export_torchscript(src.model, args.torchscript, x, fold_bn=args.fold_bn)
         _say(f"TorchScript{fold} -> {args.torchscript}: input {args.batch}x{c}x{s}x{s}, "
              f"max |TorchScript - PyTorch| = {diff:.3g}")
     return 0
@@ -977,50 +613,6 @@ def _zoo_input_size(name: str) -> int:
 
 
 # ============================================================================================ profile
-
-
-def _load_callable(spec: str) -> Callable[..., Any]:
-    """``module:callable`` or ``path/to/file.py:callable``."""
-    mod_part, _, attr = spec.rpartition(":")
-    if not mod_part or not attr:
-        raise ValueError(f"expected module:callable or file.py:callable, got {spec!r}")
-    if mod_part.endswith(".py") or os.sep in mod_part or "/" in mod_part:
-        path = Path(mod_part).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"no Python file at {path}")
-        name = f"_ltc_user_{abs(hash(str(path.resolve())))}"
-        spec_obj = importlib.util.spec_from_file_location(name, path)
-        if spec_obj is None or spec_obj.loader is None:
-            raise ValueError(f"cannot import {path}")
-        module = importlib.util.module_from_spec(spec_obj)
-        sys.modules[name] = module
-        spec_obj.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(mod_part)
-        except ModuleNotFoundError as exc:
-            raise ValueError(f"cannot import module {mod_part!r} ({exc}); is it on PYTHONPATH?") from None
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"{mod_part} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ValueError(f"{spec} is not callable")
-    return obj
-
-
-def _call_user(fn: Callable[..., Any], **wanted: Any) -> nn.Module:
-    try:
-        params = inspect.signature(fn).parameters
-        takes_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
-        kw = {k: v for k, v in wanted.items() if v is not None and (takes_kw or k in params)}
-    except (TypeError, ValueError):
-        kw = {}
-    model = fn(**kw)
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"{getattr(fn, '__name__', fn)} returned a {type(model).__name__}, not an nn.Module")
-    return model
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -1045,8 +637,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
         size = args.input_size or (shape[1] if shape else _zoo_input_size(src.name))
         label = f"{src.name} from {src.path}"
     elif ":" in target:
-        model = _call_user(_load_callable(target), num_classes=args.num_classes, width=args.width,
-                           in_channels=args.in_channels)
+        model = pipelines.call_user(pipelines.load_callable(target), num_classes=args.num_classes, width=args.width,
+                                     in_channels=args.in_channels)
         size = args.input_size or 224
         in_ch = args.in_channels or 3
         label = f"{target} ({type(model).__name__})"
@@ -1131,20 +723,20 @@ def _demo(args: argparse.Namespace, out: Path, progress: bool, threads: int, t_s
                      "mu_growth": 1.6},
     })
     _say(f"[1/4] data: {args.data}")
-    bundle_info = _build_data(cfg, None, progress=progress)
-    bundle, info = bundle_info
+    data = pipelines.build_data(cfg, None, progress=progress)
+    bundle, info = data
     plan = _demo_plan(args.quick, len(bundle.train))
     cfg = cfgmod.merge(cfg, {"train": {"epochs": plan["epochs"]},
                              "compress": {"steps": plan["steps"], "epochs_per_step": plan["epochs_per_step"],
                                           "finetune_epochs": plan["finetune"]}})
     _say(f"\n[2/4] train small_cnn (width 0.5) from scratch: {plan['epochs']} epochs of SGD, cosine LR")
-    base_res = run_train(cfg, out / "base", overwrite=True, bundle_info=bundle_info)
+    base_res = pipelines.train_run(cfg, out / "base", overwrite=True, data=data, say=_say).to_dict()
     _say(f"\n[3/4] compress with LTC to SR {args.target_sr:g} (budget mode: λ found by bisection each C step): "
          f"{plan['steps']} LC steps (L step = {plan['epochs_per_step']} epoch of SGD on loss + "
          "μ/2 Σ w_k‖W_k − Θ_k − φ_k/(μw_k)‖², "
          f"C step = joint rank search per layer),\n      then {_plural(plan['finetune'], 'fine-tuning epoch')} with "
          "ranks fixed")
-    res = run_compress(cfg, out / "base", out, overwrite=True, bundle_info=bundle_info, summary=False)
+    res = pipelines.compress_run(cfg, out / "base", out, overwrite=True, data=data).to_dict()
     _say(f"\n[4/4] results (MACs per sample; SR = base MACs / compressed MACs; CR = base params / compressed params; "
          f"latency measured on CPU at batch 1, {_plural(threads, 'thread')})\n")
     _say(demo_table(base_res, res))

@@ -70,20 +70,6 @@ _DATA: dict[str, _Spec] = {
     "in_memory": ("bool?", None),
     "augment": ("bool", True),
 }
-_TRAIN: dict[str, _Spec] = {
-    "epochs": ("int", 10),
-    "optimizer": ("str", "sgd"),
-    "lr": ("float", 0.1),
-    "momentum": ("float", 0.9),
-    "nesterov": ("bool", True),
-    "weight_decay": ("float", 5e-4),
-    "schedule": ("str", "cosine"),
-    "warmup_epochs": ("int", 0),
-    "label_smoothing": ("float", 0.0),
-    "amp": ("bool", False),
-    "channels_last": ("bool", False),
-    "grad_clip": ("float?", None),
-}
 _RUN: dict[str, _Spec] = {
     "out": ("str?", None),  # experiment folder; default runs/<name>
     "name": ("str?", None),  # default: the config file's stem, else <model>_<dataset>
@@ -113,11 +99,10 @@ def _kind_of(annotation: Any) -> str:
     return table.get(a, "any")
 
 
-def _compress_schema() -> dict[str, _Spec]:
-    from .api import CompressConfig
-
+def _dataclass_schema(cls: Any, run_defaults: tuple[str, ...] = ()) -> dict[str, _Spec]:
+    """A section's keys, kinds and defaults from the settings dataclass that validates it (one definition)."""
     out: dict[str, _Spec] = {}
-    for f in dataclasses.fields(CompressConfig):
+    for f in dataclasses.fields(cls):
         if f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
@@ -125,15 +110,18 @@ def _compress_schema() -> dict[str, _Spec]:
         else:
             default = None
         kind = _kind_of(f.type)
-        if f.name in ("device", "seed"):  # None: taken from run.device / run.seed
+        if f.name in run_defaults:  # None: taken from run.device / run.seed
             kind, default = kind.rstrip("?") + "?", None
         out[f.name] = (kind, default)
     return out
 
 
 def _schema() -> dict[str, dict[str, _Spec]]:
-    return {"model": _MODEL, "data": _DATA, "train": _TRAIN, "compress": _compress_schema(), "run": _RUN,
-            "sweep": _SWEEP}
+    from .api import CompressConfig
+    from .train import TrainConfig
+
+    return {"model": _MODEL, "data": _DATA, "train": _dataclass_schema(TrainConfig),
+            "compress": _dataclass_schema(CompressConfig, ("device", "seed")), "run": _RUN, "sweep": _SWEEP}
 
 
 SECTIONS = ("model", "data", "train", "compress", "run", "sweep", "variants")
@@ -301,12 +289,12 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     """
     from .models import list_models
 
-    m, d, t, c, r = cfg["model"], cfg["data"], cfg["train"], cfg["compress"], cfg["run"]
+    m, d, t, r = cfg["model"], cfg["data"], cfg["train"], cfg["run"]
     if m["name"] is not None and ":" not in m["name"] and m["name"] not in list_models():
         raise ValueError(f"model.name: unknown model {m['name']!r}; available: {', '.join(list_models())}")
     for sec, key, lo in (("model", "num_classes", 1), ("model", "in_channels", 1), ("data", "image_size", 1),
                          ("data", "batch_size", 1), ("data", "eval_batch_size", 1), ("data", "workers", 0),
-                         ("train", "epochs", 0), ("train", "warmup_epochs", 0), ("run", "latency_threads", 1),
+                         ("run", "latency_threads", 1),
                          ("run", "threads", 1),
                          ("run", "latency_repeats", 1)):
         v = cfg[sec][key]
@@ -318,24 +306,6 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"data.channels must be 1 or 3, got {d['channels']}")
     if d["val_fraction"] is not None and not 0 <= d["val_fraction"] < 1:
         raise ValueError(f"data.val_fraction must lie in [0, 1), got {d['val_fraction']}")
-    if t["optimizer"].lower() not in ("sgd", "adam", "adamw"):
-        raise ValueError(f"train.optimizer must be sgd, adam or adamw, got {t['optimizer']!r}")
-    if t["schedule"].lower() not in ("cosine", "step", "exp", "none"):
-        raise ValueError(f"train.schedule must be cosine, step, exp or none, got {t['schedule']!r}")
-    if t["lr"] <= 0:
-        raise ValueError(f"train.lr must be > 0, got {t['lr']}")
-    if not 0 <= t["label_smoothing"] < 1:
-        raise ValueError(f"train.label_smoothing must lie in [0, 1), got {t['label_smoothing']}")
-    if c["lam"] is not None and c["target_sr"] is not None:
-        raise ValueError("compress: give lam (λ) or target_sr (budget mode), not both")
-    if c["lam"] is not None and c["lam"] < 0:
-        raise ValueError(f"compress.lam must be >= 0, got {c['lam']}")
-    if c["target_sr"] is not None and c["target_sr"] < 1:
-        raise ValueError(f"compress.target_sr must be >= 1 (a MAC speed-up), got {c['target_sr']}")
-    if c["cost"] not in ("macs", "params"):
-        raise ValueError(f"compress.cost must be 'macs' or 'params', got {c['cost']!r}")
-    if c["optimizer"].lower() not in ("sgd", "adam", "adamw"):
-        raise ValueError(f"compress.optimizer must be sgd, adam or adamw, got {c['optimizer']!r}")
     dev = r["device"].strip().lower()
     if not (dev in ("auto", "cpu", "cuda", "mps") or dev.startswith("cuda:")):
         raise ValueError(f"run.device must be auto, cpu, cuda or cuda:N, got {r['device']!r}")
@@ -345,7 +315,13 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     for sr in cfg["sweep"]["target_srs"]:
         if sr < 1:
             raise ValueError(f"sweep.target_srs must be >= 1, got {sr}")
-    compress_config(cfg)  # CompressConfig's own checks (method name, epochs, lr, ...)
+    from .train import TrainConfig
+
+    for section, build in (("train", lambda: TrainConfig(**t)), ("compress", lambda: compress_config(cfg))):
+        try:
+            build()  # the settings objects' own checks: one message per bad value, whatever the entry point
+        except (ValueError, ImportError) as exc:
+            raise type(exc)(f"{section}: {exc}") from None
     return cfg
 
 

@@ -1,20 +1,23 @@
 """The learning-compression (LC) engine, scheme-agnostic (SPEC section 3).
 
-Lifecycle, around the user's own training loop::
+Lifecycle, around the user's own training loop (prepare, step, convert)::
 
-    comp = LCEngine(model, example_input, lam=1e-3)      # first C step at mu0 on the reference weights
+    comp = LTC(model, example_input, target_sr=5)     # records layer sizes; computes nothing yet
+    comp.start()                                       # first C step on the reference weights (also done lazily)
     for step in range(steps):
         ...train with  loss = criterion(model(x), y) + comp.penalty()   # the L step
-        comp.step()                                          # C step, multipliers, mu <- a * mu
-    small = comp.compressed_model()
+        comp.step()                                    # C step, multipliers, mu <- growth * mu
+    small = comp.compressed_model()                    # then re-estimate BatchNorm: ltc.recalibrate_batchnorm
 
-The augmented Lagrangian ``Q = L(W) + λ Σ C_k(r_k) + μ/2 Σ w_k ‖W_k − Θ_k − φ_k/(μ w_k)‖²`` is minimised by
-alternating the L step (SGD on ``L + penalty()``) and the C step, which for each layer picks the rank minimising
-``λ·C_k(r)/C_ref + μ/2·w_k·err_k(r)`` over the whole rank grid plus the dense option, on
-``Z_k = W_k − φ_k/(μ w_k)``, and sets ``Θ_k`` to the projection of ``Z_k`` at that rank. The layer weights
-``w_k`` are 1 (``weighting='absolute'``, SPEC §3) or ``mean_j ‖W_j‖² / ‖W_k‖²`` (``'relative'``: errors
-compared relative to each layer's weight scale). Budget mode replaces λ by a target SR (or CR)
-and finds λ each C step. Which layers use which scheme (Tucker-2, matrix, SVD) is decided here once.
+The augmented Lagrangian ``Q = L(W) + λ Σ C_k(r_k) + Σ_k ρ_k/2 ‖W_k − Θ_k − φ_k/ρ_k‖²_k`` is minimised by
+alternating the L step (SGD on ``L + penalty()``) and the C step. Layer ``k``'s penalty weight is
+``ρ_k = min(μ·w_k, mu_cap)``: ``w_k`` compares layers (``weighting``), ``mu_cap`` (optional) keeps each layer's pull
+within what SGD can follow, so that a large ``w_k`` no longer throttles every other layer's μ. The C step picks,
+for each layer, the rank minimising ``λ·C_k(r)/C_ref + μ/2·w_k·err_k(r)`` over the rank grid plus the dense
+option, on ``Z_k = W_k − φ_k/ρ_k``, and sets ``Θ_k`` to the projection of ``Z_k`` at that rank. ``‖·‖_k`` and
+``err_k`` are the layer's metric (:mod:`ltc.metrics`): weight space, or the layer's inputs (``metric='data'``).
+Budget mode replaces λ by a target SR (or CR) and finds λ each C step. Which layers use which scheme (Tucker-2,
+matrix, SVD) is decided here once.
 """
 
 from __future__ import annotations
@@ -38,23 +41,77 @@ from torch import Tensor, nn
 
 from .cost import LayerGeometry, dense_cost, profile, record_geometry
 from .layers import check_decomposable_conv
+from .metrics import Whitening, collect_input_moments, metric_mode, whitening_from_moment
 from .schemes import Candidates, Scheme, get_scheme
+from .settings import COSTS, METRICS, WEIGHTINGS, check_choice, check_int, check_number
 from .surgery import replace_modules, unwrap
 
-__all__ = ["LCEngine", "LTC", "LRC", "LayerState", "select_layers", "ENGINE_STATE_VERSION"]
+__all__ = ["LCEngine", "LTC", "LRC", "EngineSettings", "LayerState", "select_layers", "ENGINE_STATE_VERSION",
+           "check_lam_target"]
 
 log = logging.getLogger("ltc")
 
-ENGINE_STATE_VERSION = 2
-WEIGHTINGS = ("relative", "absolute")
+ENGINE_STATE_VERSION = 3
 Rank = int | tuple[int, int] | None
 LayerMap = Callable[[Callable[[str], Any], list[str]], list[Any]]
+
+
+def check_lam_target(lam: Any, target_sr: Any, *, required: bool = True) -> None:
+    """The shared rule on λ and a budget target: at most one (exactly one when ``required``)."""
+    if lam is not None and target_sr is not None:
+        raise ValueError("give exactly one of lam (λ, the cost weight) and target_sr (budget mode), not both")
+    if required and lam is None and target_sr is None:
+        raise ValueError("give exactly one of lam (λ, the cost weight) and target_sr (budget mode)")
+
+
+@dataclass
+class EngineSettings:
+    """The engine's settings, validated once here (``CompressConfig`` and the CLI build the same object, so every
+    entry point gives the same message for the same bad value). See :class:`LCEngine` for their meaning."""
+
+    lam: float | None = None
+    target_sr: float | None = None
+    cost: str = "macs"
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    compress_linear: bool = False
+    conv_scheme: str = "tucker2"
+    mu0: float = 1e-3
+    mu_growth: float = 1.25
+    mu_cap: float | None = None
+    min_rank: int = 1
+    rank_multiple: int = 1
+    n_iter: int = 0
+    tol: float = 1e-3
+    weighting: str = "relative"
+    metric: str = "weight"
+    calibration_images: int = 512
+    damping: float = 0.01
+
+    def __post_init__(self) -> None:
+        check_number("lam", self.lam, ge=0, optional=True)
+        check_number("target_sr", self.target_sr, ge=1, optional=True, what="(a speed-up)")
+        self.cost = check_choice("cost", self.cost, COSTS)
+        self.include, self.exclude = _as_list(self.include), _as_list(self.exclude)
+        self.conv_scheme = check_choice("conv_scheme", self.conv_scheme, ("tucker2", "matrix"))
+        self.mu0 = float(check_number("mu0", self.mu0, gt=0))  # type: ignore[arg-type]
+        self.mu_growth = float(check_number("mu_growth", self.mu_growth, ge=1, what="(μ increases)"))  # type: ignore
+        check_number("mu_cap", self.mu_cap, gt=0, optional=True)
+        check_int("min_rank", self.min_rank, ge=1)
+        check_int("rank_multiple", self.rank_multiple, ge=1)
+        check_int("n_iter", self.n_iter, ge=0)
+        check_number("tol", self.tol, ge=0)
+        self.weighting = check_choice("weighting", self.weighting, WEIGHTINGS)
+        self.metric = check_choice("metric", self.metric, METRICS)
+        check_int("calibration_images", self.calibration_images, ge=1)
+        check_number("damping", self.damping, ge=0)
 
 
 @dataclass
 class LayerState:
     """Per-layer state of the LC engine. ``rank`` is ``None`` when the dense option won; ``scale`` is the
-    layer's weight ``w_k`` in the penalty and the C step (its own μ is ``μ·w_k``); ``err`` is unweighted."""
+    layer's weight ``w_k`` in the C step (its penalty weight is ``min(μ·w_k, mu_cap)``); ``err`` is the unweighted
+    error in the layer's metric; ``whitening`` is the data metric's factor (``None``: weight space)."""
 
     name: str
     module: nn.Module
@@ -65,11 +122,19 @@ class LayerState:
     rank: Rank = None
     err: float = 0.0
     scale: float = 1.0
+    whitening: Whitening | None = None
     history_ranks: list[Rank] = field(default_factory=list)
 
     @property
     def weight(self) -> Tensor:
         return self.module.weight
+
+    def to_metric(self, x: Tensor) -> Tensor:
+        """``x ×_in L`` (identity for the weight metric)."""
+        return x if self.whitening is None else self.whitening.apply(x)
+
+    def from_metric(self, x: Tensor) -> Tensor:
+        return x if self.whitening is None else self.whitening.unapply(x)
 
 
 def _as_list(globs: str | Iterable[str] | None) -> list[str] | None:
@@ -132,27 +197,40 @@ def _is_distributed() -> bool:
 class LCEngine:
     """The learning-compression engine. ``LTC`` and ``LRC`` are this engine with a conv scheme chosen.
 
+    Construction records each layer's sizes (one forward pass of ``example_input``) and checks the settings; it
+    runs no C step. :meth:`start` runs the first one (on the reference weights, at ``mu0``, ``φ = 0``);
+    :meth:`penalty`, :meth:`step` and :meth:`compressed_model` call it if it has not run.
+
     Args:
         model: the network being trained (a ``DistributedDataParallel`` wrapper is unwrapped). Its weights
             are the reference for the first C step.
         example_input: one batch ``(N, C, H, W)`` used once to record each layer's input/output sizes.
         lam: λ ≥ 0, the weight of the cost term (dimensionless: costs are divided by ``C_ref``, the summed
-            dense cost of the compressed layers). Exactly one of ``lam`` and ``target`` must be given.
-        target_sr: budget mode: the whole model's theoretical speed-up (``cost='macs'``) or compression
-            ratio (``cost='params'``) to meet, ≥ 1. λ is found by bisection each C step.
-        cost: ``'macs'`` or ``'params'``.
+            dense cost of the compressed layers). Exactly one of ``lam`` and ``target_sr`` must be given.
+        target_sr: budget mode: the whole model's theoretical speed-up (``cost='macs'``), compression
+            ratio (``cost='params'``) or predicted latency speed-up (``cost='latency'``) to meet, ≥ 1. λ is found
+            exactly each C step (lower convex hull, then a greedy fill of the remaining budget).
+        cost: ``'macs'``, ``'params'`` or ``'latency'`` (needs ``latency_table``, see :mod:`ltc.latency`).
         include / exclude: ``fnmatch`` globs on module names; see :func:`select_layers`.
         compress_linear: also compress ``nn.Linear`` layers by SVD.
         conv_scheme: ``'tucker2'`` (LTC; 1x1 convs get the two-conv SVD scheme) or ``'matrix'`` (LRC).
-        mu0, mu_growth: the penalty schedule ``μ_j = mu0 · mu_growth^j``.
+        mu0, mu_growth: the penalty schedule ``μ_j = mu0 · mu_growth^j`` (``μ_j``: the μ of L step ``j``).
+        mu_cap: largest penalty weight ``ρ_k`` of any layer (``None``: no cap). Set it to about
+            ``2 (1 − momentum) / lr`` so no layer's pull outruns SGD (``ltc.compress`` does).
         min_rank: smallest rank considered on each axis.
+        rank_multiple: ranks considered are multiples of this (and the full rank): hardware-friendly widths.
         n_iter: HOOI sweeps when projecting at the chosen ranks (0 = truncated HOSVD).
         tol: ``converged`` once ``‖W − Θ‖/‖W‖ < tol`` and the ranks did not change in the last C step.
         weighting: how layers' errors compare. ``'relative'`` (default) weights layer ``k``'s penalty and
-            C-step error by ``w_k = mean_j ‖W_j‖² / ‖W_k‖²`` (reference weights), so that rank allocation
-            trades *relative* errors: with BatchNorm a conv's weight scale is arbitrary, and absolute errors
-            would starve the layers whose weights happen to be small. ``'absolute'``: ``w_k = 1`` (SPEC §3
-            as written).
+            C-step error by ``w_k = mean_j E_j / E_k`` with ``E_k`` its reference weight energy in the metric
+            (``‖W_k‖²``, or ``‖W_k ×_in L_k‖²`` for the data metric), so that rank allocation trades *relative*
+            errors: with BatchNorm a conv's weight scale is arbitrary, and absolute errors would starve the layers
+            whose weights happen to be small. ``'absolute'``: ``w_k = 1`` (SPEC §3 as written).
+        metric: ``'weight'`` (SPEC §3) or ``'data'`` (:mod:`ltc.metrics`: the layer's output error on
+            ``calibration_images`` calibration inputs, refreshed at every C step).
+        calibration: the inputs for ``metric='data'``: a loader of ``(x, y)`` batches or a tensor of inputs.
+        damping: the data metric's ``Σ + damping·mean(diag Σ)·I``.
+        latency_table: per-layer measured latencies for ``cost='latency'`` (:class:`ltc.latency.LatencyTable`).
     """
 
     def __init__(
@@ -160,52 +238,37 @@ class LCEngine:
         model: nn.Module,
         example_input: Tensor | tuple[Any, ...],
         *,
-        lam: float | None = None,
-        target_sr: float | None = None,
-        cost: str = "macs",
-        include: str | Iterable[str] | None = None,
-        exclude: str | Iterable[str] | None = None,
-        compress_linear: bool = False,
-        conv_scheme: str = "tucker2",
-        mu0: float = 1e-3,
-        mu_growth: float = 1.25,
-        min_rank: int = 1,
-        n_iter: int = 0,
-        tol: float = 1e-3,
-        weighting: str = "relative",
+        calibration: Any = None,
+        latency_table: Any = None,
+        **settings: Any,
     ) -> None:
-        if (lam is None) == (target_sr is None):
-            raise ValueError("give exactly one of lam (λ, the cost weight) and target_sr (budget mode)")
-        if lam is not None and not (math.isfinite(lam) and lam >= 0):
-            raise ValueError(f"lam must be a finite number >= 0, got {lam}")
-        if target_sr is not None and not (math.isfinite(target_sr) and target_sr >= 1):
-            raise ValueError(f"target_sr must be a finite number >= 1 (a speed-up), got {target_sr}")
-        if cost not in ("macs", "params"):
-            raise ValueError(f"cost must be 'macs' or 'params', got {cost!r}")
-        if not (math.isfinite(mu0) and mu0 > 0):
-            raise ValueError(f"mu0 must be a finite number > 0, got {mu0}")
-        if not (math.isfinite(mu_growth) and mu_growth >= 1):
-            raise ValueError(f"mu_growth must be >= 1 (μ increases), got {mu_growth}")
-        if int(min_rank) < 1:
-            raise ValueError(f"min_rank must be >= 1, got {min_rank}")
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-        if conv_scheme not in ("tucker2", "matrix"):
-            raise ValueError(f"conv_scheme must be 'tucker2' or 'matrix', got {conv_scheme!r}")
+        cfg = EngineSettings(**settings)
+        check_lam_target(cfg.lam, cfg.target_sr)
+        if cfg.metric == "data" and calibration is None:
+            raise ValueError("metric='data' needs calibration inputs: pass calibration=loader (a few hundred "
+                             "training images) or metric='weight'")
+        if cfg.cost == "latency" and latency_table is None:
+            raise ValueError("cost='latency' needs a latency_table (ltc.latency.LatencyTable.build(model, x)); "
+                             "or use cost='macs'")
+        self.settings = cfg
         self.model = unwrap(model)
-        self.cost_kind = cost
-        self.lam = float(lam) if lam is not None else 0.0
-        self.target = float(target_sr) if target_sr is not None else None
-        self.mu = float(mu0)
-        self.mu0, self.mu_growth = float(mu0), float(mu_growth)
-        self.min_rank, self.n_iter, self.tol = int(min_rank), int(n_iter), float(tol)
-        self.conv_scheme = conv_scheme
-        self.weighting = weighting
+        self.cost_kind = cfg.cost
+        self.lam = float(cfg.lam) if cfg.lam is not None else 0.0
+        self.target = float(cfg.target_sr) if cfg.target_sr is not None else None
+        self.mu = cfg.mu0
+        self.mu0, self.mu_growth, self.mu_cap = cfg.mu0, cfg.mu_growth, cfg.mu_cap
+        self.min_rank, self.rank_multiple = int(cfg.min_rank), int(cfg.rank_multiple)
+        self.n_iter, self.tol = int(cfg.n_iter), float(cfg.tol)
+        self.conv_scheme, self.weighting, self.metric = cfg.conv_scheme, cfg.weighting, cfg.metric
+        self.calibration = calibration
+        self.latency_table = latency_table
         self.steps_done = 0
         self.history: list[dict[str, Any]] = []
+        self.started = False
+        self._prepared = False
         self._ranks_changed = True
 
-        names, skipped = select_layers(self.model, include, exclude, compress_linear)
+        names, skipped = select_layers(self.model, cfg.include, cfg.exclude, cfg.compress_linear)
         for name, why in skipped.items():
             log.info("ltc: %s: %s", name, why)
         self.skipped = skipped
@@ -224,22 +287,74 @@ class LCEngine:
             if isinstance(mod, nn.Conv2d):
                 check_decomposable_conv(mod, name)
                 one_by_one = tuple(mod.kernel_size) == (1, 1)
-                scheme = get_scheme("matrix" if (conv_scheme == "matrix" or one_by_one) else "tucker2")
+                scheme = get_scheme("matrix" if (cfg.conv_scheme == "matrix" or one_by_one) else "tucker2")
             else:
                 scheme = get_scheme("svd")
             w = mod.weight.detach()
             self.layers[name] = LayerState(name, mod, scheme, geoms[name], w.clone(), torch.zeros_like(w))
-        if weighting == "relative":
-            norms = {n: float(s.theta.double().square().sum()) for n, s in self.layers.items()}
-            mean = sum(norms.values()) / len(norms)
-            for n, s in self.layers.items():
-                s.scale = mean / norms[n] if norms[n] > 0 else 1.0
         self.ref_params = sum(dense_cost(s.geometry)[0] for s in self.layers.values())
         self.ref_macs = sum(dense_cost(s.geometry)[1] for s in self.layers.values())
-        self.c_ref = float(self.ref_macs if cost == "macs" else self.ref_params)
         self.fixed_params = self.base_params - self.ref_params
         self.fixed_macs = self.base_macs - self.ref_macs
+        if cfg.cost == "latency":
+            self.latency_table.check_layers({n: s.geometry for n, s in self.layers.items()})
+            self.base_cost_latency = float(self.latency_table.model_ms)
+            self.ref_latency = sum(self.latency_table.dense_ms(s.geometry) for s in self.layers.values())
+            self.fixed_latency = self.base_cost_latency - self.ref_latency
+        self.c_ref = float({"macs": self.ref_macs, "params": self.ref_params}.get(cfg.cost) or
+                           getattr(self, "ref_latency", 1.0))
+
+    # ----------------------------------------------------------------------------------------- lifecycle
+    def prepare(self) -> None:
+        """Measure the metric (data metric: the calibration pass) and the layers' weights ``w_k`` on the reference
+        weights. Cheap; :meth:`start` and :attr:`scale_range` call it."""
+        if self._prepared:
+            return
+        self._refresh_metric()
+        if self.weighting == "relative":
+            energy = {n: float(s.to_metric(s.theta.double()).square().sum()) for n, s in self.layers.items()}
+            mean = sum(energy.values()) / len(energy)
+            for n, s in self.layers.items():
+                s.scale = mean / energy[n] if energy[n] > 0 else 1.0
+        self._prepared = True
+
+    def start(self) -> None:
+        """The first C step: on the reference weights at ``mu0`` with ``φ = 0`` (a no-op once started)."""
+        if self.started:
+            return
+        self.prepare()
+        self.started = True
         self._log_mu_diagnostic(self._c_step())
+
+    def set_schedule(self, *, mu0: float | None = None, mu_growth: float | None = None,
+                     mu_cap: float | None = None) -> None:
+        """Set the μ path before the run (``mu0`` only before :meth:`start`); values are checked as settings."""
+        changes = {k: v for k, v in (("mu0", mu0), ("mu_growth", mu_growth), ("mu_cap", mu_cap)) if v is not None}
+        if not changes:
+            return
+        cfg = dataclasses.replace(self.settings, **changes)
+        if "mu0" in changes:
+            if self.started:
+                raise RuntimeError("set_schedule(mu0=...) after start(): the first C step already ran at mu0")
+            self.mu0 = self.mu = cfg.mu0
+        self.mu_growth, self.mu_cap, self.settings = cfg.mu_growth, cfg.mu_cap, cfg
+
+    def _refresh_metric(self) -> None:
+        if self.metric != "data":
+            return
+        modes = {n: metric_mode(s.module, s.scheme.name) for n, s in self.layers.items()}
+        moments = collect_input_moments(self.model, modes, self.calibration, self.settings.calibration_images)
+        for n, s in self.layers.items():
+            wh = whitening_from_moment(moments[n], modes[n], self.settings.damping)
+            s.whitening = wh.to(s.weight.device)
+        if _is_distributed():
+            for s in self.layers.values():
+                assert s.whitening is not None
+                for t in (s.whitening.L, s.whitening.L_inv):
+                    torch.distributed.broadcast(t, src=0)
+                c = torch.tensor([s.whitening.curvature], dtype=torch.float64, device=s.whitening.L.device)
+                torch.distributed.broadcast(c, src=0)
+                s.whitening.curvature = float(c)
 
     # ----------------------------------------------------------------------------------------- queries
     @property
@@ -247,12 +362,27 @@ class LCEngine:
         """``{name: (r_in, r_out)}`` for Tucker-2 layers, ``{name: r}`` for matrix/SVD layers, ``None`` = dense."""
         return {n: s.rank for n, s in self.layers.items()}
 
+    def layer_cost(self, s: LayerState, rank: Rank, kind: str) -> float:
+        """Cost of layer ``s`` at ``rank`` (``None``: dense) in ``kind`` ('params', 'macs' or 'latency')."""
+        if kind == "latency":
+            return float(self.latency_table.layer_ms(s.geometry, s.scheme.name, rank))
+        p, m = dense_cost(s.geometry) if rank is None else s.scheme.cost(s.geometry, rank)
+        return float(p if kind == "params" else m)
+
     def _totals(self) -> tuple[int, int]:
         params, macs = self.fixed_params, self.fixed_macs
         for s in self.layers.values():
             p, m = dense_cost(s.geometry) if s.rank is None else s.scheme.cost(s.geometry, s.rank)
             params, macs = params + int(p), macs + int(m)
         return params, macs
+
+    def _base_fixed(self, kind: str) -> tuple[float, float]:
+        """``(whole base model's cost, cost of what is not compressed)`` in ``kind``."""
+        if kind == "macs":
+            return float(self.base_macs), float(self.fixed_macs)
+        if kind == "params":
+            return float(self.base_params), float(self.fixed_params)
+        return self.base_cost_latency, self.fixed_latency
 
     @property
     def macs(self) -> int:
@@ -274,8 +404,17 @@ class LCEngine:
         """Compression ratio: base params / compressed params (whole model)."""
         return self.base_params / max(self.params, 1)
 
+    @property
+    def predicted_speedup(self) -> float | None:
+        """Base latency / predicted latency of the model if compressed now (``cost='latency'`` only)."""
+        if self.cost_kind != "latency":
+            return None
+        base, fixed = self._base_fixed("latency")
+        total = fixed + sum(self.layer_cost(s, s.rank, "latency") for s in self.layers.values())
+        return base / max(total, 1e-12)
+
     def distance(self) -> float:
-        """``‖W − Θ‖ / ‖W‖`` over all compressed layers."""
+        """``‖W − Θ‖ / ‖W‖`` in weight space over all compressed layers."""
         num = den = 0.0
         for s in self.layers.values():
             w = s.weight.detach()
@@ -285,46 +424,64 @@ class LCEngine:
 
     @property
     def scale_range(self) -> tuple[float, float]:
-        """``(min_k w_k, max_k w_k)``: the layers' weights in the penalty (layer ``k`` is pulled with ``μ·w_k``)."""
+        """``(min_k w_k, max_k w_k)``: the layers' weights (layer ``k`` is pulled with ``min(μ·w_k, mu_cap)``)."""
+        self.prepare()
         scales = [s.scale for s in self.layers.values()]
         return min(scales), max(scales)
+
+    def rho(self, s: LayerState) -> float:
+        """Layer ``s``'s penalty weight ``ρ_k = min(μ·w_k, mu_cap / c_k)``, ``c_k`` the metric's curvature (the
+        largest eigenvalue of the normalised input moment; 1 in weight space)."""
+        r = self.mu * s.scale
+        if self.mu_cap is None:
+            return r
+        return min(r, self.mu_cap / (1.0 if s.whitening is None else s.whitening.curvature))
 
     @property
     def converged(self) -> bool:
         """True when ``‖W − Θ‖/‖W‖ < tol`` and the last C step changed no rank: the L step can be skipped."""
-        return (not self._ranks_changed) and self.distance() < self.tol
+        return self.started and (not self._ranks_changed) and self.distance() < self.tol
 
     # ----------------------------------------------------------------------------------------- L step
     def penalty(self) -> Tensor:
-        """``μ/2 · Σ_k w_k ‖W_k − Θ_k − φ_k/(μ w_k)‖²``, differentiable in the weights; add it to the training loss."""
+        """``Σ_k ρ_k/2 · ‖W_k − Θ_k − φ_k/ρ_k‖²_k``, differentiable in the weights; add it to the training loss."""
+        self.start()
         total: Tensor | None = None
         for s in self.layers.values():
             w = s.weight
             if s.theta.device != w.device:
                 s.theta, s.phi = s.theta.to(w.device), s.phi.to(w.device)
-            d = s.scale * (w - s.theta - s.phi / (self.mu * s.scale)).square().sum()
+            rho = self.rho(s)
+            d = 0.5 * rho * s.to_metric(w - s.theta - s.phi / rho).square().sum()
             total = d if total is None else total + d
         assert total is not None
-        return 0.5 * self.mu * total
+        return total
+
+    def decayed_parameters(self) -> list[nn.Parameter]:
+        """The compressed layers' weights: :func:`ltc.compress` trains them without weight decay in L steps (the
+        penalty is their regulariser; weight decay would pull them toward 0, away from Θ)."""
+        return [s.module.weight for s in self.layers.values()]
 
     # ----------------------------------------------------------------------------------------- C step
     def step(self) -> None:
-        """One C step at the current μ, then ``φ_k ← φ_k − μ w_k (W_k − Θ_k)`` and ``μ ← mu_growth · μ``.
+        """One C step at the current μ, then ``φ_k ← φ_k − ρ_k (W_k − Θ_k)`` and ``μ ← mu_growth · μ``.
 
-        The C step that follows the ``j``-th L step is recorded in ``history`` as step ``j`` (1-based; the
-        construction's C step is step 0)."""
+        With the data metric the calibration statistics are measured again first. The C step that follows the
+        ``j``-th L step is recorded in ``history`` as step ``j`` (1-based; :meth:`start`'s C step is step 0)."""
+        self.start()
         self.steps_done += 1
+        self._refresh_metric()
         with self._layer_map() as lmap:
             self._c_step(lmap)
             with torch.no_grad():
                 for s in self.layers.values():
                     w = s.weight.detach()
-                    s.phi = s.phi - self.mu * s.scale * (w - s.theta)
+                    s.phi = s.phi - self.rho(s) * (w - s.theta)
         self.mu *= self.mu_growth
 
     def _shifted(self, s: LayerState) -> Tensor:
         w = s.weight.detach()
-        return w - s.phi / (self.mu * s.scale)
+        return w - s.phi / self.rho(s)
 
     @contextlib.contextmanager
     def _layer_map(self) -> Iterator[LayerMap]:
@@ -356,7 +513,7 @@ class LCEngine:
             with self._layer_map() as own:
                 return self._c_step(own)
         t0 = time.perf_counter()
-        shifted = {name: self._shifted(s) for name, s in self.layers.items()}
+        shifted = {name: s.to_metric(self._shifted(s)) for name, s in self.layers.items()}
         # largest decompositions first, for balance: work ~ numel * max(T, S) (Grams, rotation, eigh)
         order = sorted(shifted, key=lambda n: -shifted[n].numel() * max(shifted[n].shape[:2]))
 
@@ -375,7 +532,7 @@ class LCEngine:
         def project(name: str) -> tuple[str, tuple[Rank, Tensor, float]]:
             s, c, idx, z = self.layers[name], cands[name], choice[name], shifted[name]
             if idx is None:
-                return name, (None, z.clone(), 0.0)
+                return name, (None, s.from_metric(z).clone(), 0.0)
             rank = c.rank_of(idx)
             theta, _ = s.scheme.project(z, rank, c.analysis, self.n_iter)
             # HOOI sweeps (n_iter > 0) lower the error below the truncated-HOSVD table's: measure it
@@ -383,7 +540,7 @@ class LCEngine:
                 err = float(c.err[idx]) / s.scale
             else:
                 err = float((z.double() - theta.double()).square().sum())
-            return name, (rank, theta, err)
+            return name, (rank, s.from_metric(theta), err)
 
         done = dict(lmap(project, order))
         # The first C step has no previous ranks: it always counts as a change (so ``converged`` is False).
@@ -396,9 +553,18 @@ class LCEngine:
         self._record(time.perf_counter() - t0, "C step")
         return cands
 
+    def candidates(self, s: LayerState, z: Tensor) -> Candidates:
+        """The scheme's candidate table for ``z`` (already in the layer's metric coordinates), unweighted, with the
+        engine's rank grid and, for ``cost='latency'``, the latency of every cell."""
+        c = s.scheme.candidates(z, s.geometry, self.min_rank, self.rank_multiple)
+        if self.cost_kind == "latency":
+            c.costs["latency"] = self.latency_table.grid_ms(s.geometry, s.scheme.name, c.axes).to(c.err.device)
+            c.dense["latency"] = float(self.latency_table.dense_ms(s.geometry))
+        return c
+
     def _candidates(self, s: LayerState, z: Tensor) -> Candidates:
-        """The scheme's candidate table for ``z`` with errors weighted by the layer's ``w_k``."""
-        c = s.scheme.candidates(z, s.geometry, self.min_rank)
+        """:meth:`candidates` with errors weighted by the layer's ``w_k``."""
+        c = self.candidates(s, z)
         return c if s.scale == 1.0 else dataclasses.replace(c, err=c.err * s.scale)
 
     def _record(self, seconds: float, what: str) -> None:
@@ -417,6 +583,8 @@ class LCEngine:
             "cr": self.base_params / max(params, 1),
             "seconds": seconds,
         }
+        if self.cost_kind == "latency":
+            row["predicted_speedup"] = self.predicted_speedup
         self.history.append(row)
         log.info(
             "ltc: %s %d  mu=%.3g  lam=%.3g  SR=%.2f  CR=%.2f  |W-Theta|/|W|=%.3g  (%.2fs)",
@@ -446,8 +614,7 @@ class LCEngine:
         hull of (cost, err)), then a greedy fill of the remaining budget one rank step at a time."""
         assert self.target is not None
         kind = self.cost_kind
-        base = self.base_macs if kind == "macs" else self.base_params
-        fixed = self.fixed_macs if kind == "macs" else self.fixed_params
+        base, fixed = self._base_fixed(kind)
         budget = base / self.target - fixed
         if hulls is None:
             hulls = {n: _lower_hull(c, kind) for n, c in cands.items()}
@@ -455,8 +622,9 @@ class LCEngine:
         floor = sum(h[0][0] for h in hulls.values())
         if floor > budget + 1e-9:
             best = base / (fixed + floor)
+            what = {"macs": "SR", "params": "CR", "latency": "speed-up (latency table)"}[kind]
             raise ValueError(
-                f"target {'SR' if kind == 'macs' else 'CR'} {self.target:g} is out of reach: with every compressed "
+                f"target {what} {self.target:g} is out of reach: with every compressed "
                 f"layer at min_rank={self.min_rank} the model reaches {best:.3g}; lower the target, "
                 "compress more layers (include/compress_linear) or lower min_rank"
             )
@@ -507,9 +675,10 @@ class LCEngine:
 
     def mu_to_leave_min_rank(self) -> dict[str, float]:
         """Per layer, the smallest μ at which the C step can choose more than ``min_rank`` at the current λ."""
+        self.start()
         out = {}
         for name, s in self.layers.items():
-            c = self._candidates(s, self._shifted(s))
+            c = self._candidates(s, s.to_metric(self._shifted(s)))
             cost = c.cost(self.cost_kind)
             better = c.err < c.err[0]
             if not bool(better.any()) or self.lam <= 0:
@@ -544,15 +713,20 @@ class LCEngine:
 
     # ----------------------------------------------------------------------------------------- results
     def _factors(self, s: LayerState) -> Any:
-        """Factors rebuilt from Θ alone (not those of the C step's analysis of Z), so that the deployed network
-        depends only on the state that checkpoints hold: a run resumed from a checkpoint deploys bit-identically
-        to an uninterrupted one."""
+        """Factors rebuilt from Θ alone (Θ has exactly the chosen ranks, in any metric), so that the deployed
+        network depends only on the state that checkpoints hold: a run resumed from a checkpoint deploys
+        bit-identically to an uninterrupted one."""
         _, factors = s.scheme.project(s.theta, s.rank, None, 0)
         return factors
 
     def compressed_model(self) -> nn.Module:
         """A new module: a copy of the model with each compressed layer replaced by its factorised form
-        built from the last Θ (dense where the dense option won). The original model is left untouched."""
+        built from the last Θ (dense where the dense option won). The original model is left untouched.
+
+        The copy keeps the dense network's BatchNorm running statistics, which no longer match the new layers'
+        outputs: re-estimate them with :func:`ltc.recalibrate_batchnorm` (``ltc.compress`` does) before
+        measuring accuracy."""
+        self.start()
         model = copy.deepcopy(self.model)
         modules = dict(model.named_modules())
         new = {}
@@ -563,14 +737,19 @@ class LCEngine:
 
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Θ, φ, μ, λ, ranks, step count and history: everything needed to resume bit-identically."""
+        """Θ, φ, μ, λ, ranks, metric factors, step count and history: everything needed to resume
+        bit-identically."""
         return {
             "version": ENGINE_STATE_VERSION,
             "mu": self.mu,
+            "mu_growth": self.mu_growth,
+            "mu_cap": self.mu_cap,
             "lam": self.lam,
             "target": self.target,
             "cost": self.cost_kind,
             "weighting": self.weighting,
+            "metric": self.metric,
+            "started": self.started,
             "steps_done": self.steps_done,
             "ranks_changed": self._ranks_changed,
             "history": copy.deepcopy(self.history),
@@ -582,6 +761,9 @@ class LCEngine:
                     "scheme": s.scheme.name,
                     "err": s.err,
                     "scale": s.scale,
+                    "whitening": None if s.whitening is None else {
+                        "L": s.whitening.L.detach().clone(), "L_inv": s.whitening.L_inv.detach().clone(),
+                        "mode": s.whitening.mode, "curvature": s.whitening.curvature},
                 }
                 for n, s in self.layers.items()
             },
@@ -594,16 +776,12 @@ class LCEngine:
                 f"engine state version {state.get('version')!r} is not this ltc's ({ENGINE_STATE_VERSION}); "
                 "re-run the compression with this version"
             )
-        if state.get("cost", self.cost_kind) != self.cost_kind:
-            raise ValueError(
-                f"this engine state was made with cost={state['cost']!r}, this engine uses cost={self.cost_kind!r}; "
-                "build the engine with the same cost"
-            )
-        if state.get("weighting", self.weighting) != self.weighting:
-            raise ValueError(
-                f"this engine state was made with weighting={state['weighting']!r}, this engine uses "
-                f"weighting={self.weighting!r}; build the engine with the same weighting"
-            )
+        for key, mine in (("cost", self.cost_kind), ("weighting", self.weighting), ("metric", self.metric)):
+            if state.get(key, mine) != mine:
+                raise ValueError(
+                    f"this engine state was made with {key}={state[key]!r}, this engine uses {key}={mine!r}; "
+                    f"build the engine with the same {key}"
+                )
         saved = state["layers"]
         if set(saved) != set(self.layers):
             missing, extra = sorted(set(self.layers) - set(saved)), sorted(set(saved) - set(self.layers))
@@ -625,18 +803,25 @@ class LCEngine:
             r = d["rank"]
             s.rank = tuple(r) if isinstance(r, list) else r
             s.err, s.scale = float(d["err"]), float(d["scale"])
+            wh = d.get("whitening")
+            s.whitening = None if wh is None else Whitening(wh["L"].to(dev).clone(), wh["L_inv"].to(dev).clone(),
+                                                            str(wh["mode"]), float(wh["curvature"]))
         self.mu, self.lam, self.steps_done = float(state["mu"]), float(state["lam"]), int(state["steps_done"])
+        self.mu_growth = float(state["mu_growth"])
+        self.mu_cap = None if state["mu_cap"] is None else float(state["mu_cap"])
+        self.started, self._prepared = bool(state["started"]), True
         self._ranks_changed = bool(state["ranks_changed"])
         self.history = copy.deepcopy(state["history"])
 
     def assign(self, ranks: dict[str, Rank]) -> None:
-        """Set given ranks (``None`` = dense) and project the current weights onto them, bypassing the
-        objective. Used by one-shot baselines that pick ranks by another rule."""
+        """Set given ranks (``None`` = dense) and project the current weights onto them (in the engine's metric),
+        bypassing the objective: no C step runs. Used by one-shot baselines that pick ranks by another rule."""
         unknown = set(ranks) - set(self.layers)
         if unknown:
             raise ValueError(f"assign(): unknown layers {sorted(unknown)[:5]}")
+        self.prepare()
         t0 = time.perf_counter()
-        old = self.ranks
+        old = self.ranks if self.started else None
         for name, r in ranks.items():
             s = self.layers[name]
             w = self._shifted(s)
@@ -644,9 +829,12 @@ class LCEngine:
                 s.rank, s.theta, s.err = None, w.clone(), 0.0
             else:
                 s.rank = r
-                s.theta, _ = s.scheme.project(w, r, None, self.n_iter)
-                s.err = float((w - s.theta).square().sum())
-        self._ranks_changed = self._ranks_changed or old != self.ranks
+                z = s.to_metric(w)
+                theta, _ = s.scheme.project(z, r, None, self.n_iter)
+                s.err = float((z.double() - theta.double()).square().sum())
+                s.theta = s.from_metric(theta)
+        self.started = True
+        self._ranks_changed = old != self.ranks
         self._record(time.perf_counter() - t0, "assigned ranks")
 
 

@@ -1,8 +1,7 @@
 """Tables from run folders, in the slides' layouts (Tables 1–4) plus a λ sweep.
 
-A run folder holds ``result.json``: either a compression run (``ltc.api.Result.to_dict()`` plus the CLI's
-``model``, ``dataset``, optional ``label`` and ``latency``) or a base-model run (``{"kind": "train", "model",
-"dataset", "acc", "macs", "params", ...}``). Units: MACs are multiply-accumulates per sample (the slides'
+A run folder holds ``result.json``, an :class:`ltc.results.RunResult` (kind ``"compress"`` or ``"train"``), read
+back through it. Units: MACs are multiply-accumulates per sample (the slides'
 "FLOPs" columns count MACs; FLOPs = 2·MACs), SR = base MACs / compressed MACs, CR = base params / compressed
 params, accuracies are stored as fractions and printed as percentages.
 
@@ -16,13 +15,14 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .results import RunResult
 
 __all__ = [
     "RESULT_NAME",
@@ -112,20 +112,7 @@ def load_runs(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
             file = path
         else:
             raise FileNotFoundError(f"no run folder or {RESULT_NAME} at {path}")
-        try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{file} is not valid JSON ({exc}); re-run or delete that run folder") from exc
-        if not isinstance(data, dict):
-            raise ValueError(f"{file} holds a JSON {type(data).__name__}, expected an object (a run result)")
-        if is_train_run(data):
-            need = ("acc", "macs", "params")
-        else:
-            need = ("method", "base", "compressed")
-        missing = [k for k in need if k not in data]
-        if missing:
-            kind = "base-model (kind 'train')" if is_train_run(data) else "compression"
-            raise ValueError(f"{file}: {kind} result lacks the key(s) {', '.join(missing)}")
+        data = RunResult.read(file).to_dict()
         data["_path"] = str(file.parent)
         runs.append(data)
     return runs

@@ -2,14 +2,13 @@
 
 A run folder holds::
 
-    result.json   the outcome ({"kind": "train", "model", "dataset", "acc", "macs", "params", ...} or
-                  ltc.api.Result.to_dict() plus "kind": "compress", "model", "dataset", "label", "latency")
-    model.pt      the model (ltc.io.save: safe to load, rebuilds zoo models and factorised layers)
+    result.json   the outcome: an ltc.results.RunResult (kind "train" or "compress"; schema there)
+    model.pt      the model (ltc.save: safe to load, rebuilds zoo models, factorised and resized layers)
     run.json      written when a training run starts: model config and data description (lets an unfinished
                   run's checkpoint.pt be evaluated)
     config.yaml   the resolved config the run used
     log.csv       one row per epoch
-    checkpoint.pt / compress.pt   resumable checkpoints (--resume)
+    checkpoint.pt the resumable checkpoint of ltc.train.fit (--resume), whatever wrote it
 
 Only the main process (rank 0 under torchrun) writes.
 """
@@ -25,7 +24,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from .utils import atomic_write_text, is_main_process
@@ -138,9 +136,9 @@ def save_model(model: nn.Module, path: str | Path, meta: dict[str, Any] | None =
     """Save with :func:`ltc.io.save` (main process only)."""
     if not is_main_process():
         return
-    from . import io as ltc_io
+    from .serialization import save
 
-    ltc_io.save(model, path, meta=_json_safe(meta or {}))
+    save(model, path, meta=_json_safe(meta or {}))
 
 
 def prepare_out(out: str | Path, *, resume: bool, overwrite: bool, what: str = "run") -> Path:
@@ -219,7 +217,7 @@ class LoadedModel:
 def load_model(ref: str | Path) -> LoadedModel:
     """Load a model from a run folder (its ``model.pt``), an ltc model file, or a training checkpoint
     (``checkpoint.pt`` of an unfinished ``ltc train`` run, rebuilt from the folder's ``run.json``)."""
-    from . import io as ltc_io
+    from .serialization import load, read_info
 
     p = Path(ref).expanduser()
     if not p.exists():
@@ -245,14 +243,14 @@ def load_model(ref: str | Path) -> LoadedModel:
         from .models import create
 
         model = create(**run_json["model_config"])
-        state = torch.load(p, map_location="cpu", weights_only=True)["model"]
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-        model.load_state_dict(state)
+        from .train import read_checkpoint
+
+        model.load_state_dict(read_checkpoint(p)["model"])
         model.eval()
         meta: dict[str, Any] = {"model": run_json.get("model"), "dataset": run_json.get("dataset")}
     else:
-        model = ltc_io.load(p)
-        meta = ltc_io.read_info(p)["meta"]
+        model = load(p)
+        meta = read_info(p)["meta"]
     data = dict(meta.get("data") or result.get("data") or run_json.get("data") or {})
     return LoadedModel(model, path=p, run_dir=run_dir, data=data, result=result, meta=meta)
 
@@ -260,11 +258,12 @@ def load_model(ref: str | Path) -> LoadedModel:
 def _is_fit_checkpoint(p: Path) -> bool:
     if p.name != TRAIN_CHECKPOINT:
         return False
+    from .train import read_checkpoint
+
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception:
+        return read_checkpoint(p).get("writer") == "ltc.fit"
+    except ValueError:
         return False
-    return isinstance(obj, dict) and str(obj.get("format", "")).startswith("ltc-fit")
 
 
 def expand_runs(paths: Iterable[str | Path]) -> list[Path]:

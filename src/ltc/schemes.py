@@ -23,36 +23,48 @@ from .cost import LayerGeometry, dense_cost, linear_cost, matrix_cost, tucker2_c
 from .layers import LowRankLinear, MatrixLowRankConv2d, Tucker2Conv2d
 from .tensor import matrix_analysis, tucker2, tucker2_analysis
 
-__all__ = ["Candidates", "Scheme", "Tucker2Scheme", "MatrixScheme", "LinearSVDScheme", "SCHEMES", "get_scheme"]
+__all__ = ["Candidates", "rank_values", "Scheme", "Tucker2Scheme", "MatrixScheme", "LinearSVDScheme", "SCHEMES",
+           "get_scheme"]
 
 Rank = int | tuple[int, int]
+
+
+def rank_values(full: int, min_rank: int = 1, multiple: int = 1) -> list[int]:
+    """The ranks a C step may choose on one axis of size ``full``: ``min_rank..full`` restricted to multiples of
+    ``multiple`` (hardware-friendly widths), always including ``full``; never empty."""
+    lo = min(max(int(min_rank), 1), full)
+    m = max(int(multiple), 1)
+    values = [r for r in range(lo, full + 1) if r % m == 0 or r == full]
+    return values or [full]
 
 
 @dataclass
 class Candidates:
     """A layer's options as a dense grid of ranks, flattened row-major.
 
-    ``grid_shape``: the number of rank values along each rank axis (1-D for matrix schemes,
-    ``(n_in, n_out)`` for Tucker-2); flat index ``k`` ↔ rank ``min_rank + unravel(k)``.
-    ``params`` / ``macs`` / ``err``: float64 tensors of length ``prod(grid_shape)``; ``err`` is the exact
-    squared Frobenius projection error. The dense option (cost ``dense_*``, error 0) is not in the grid.
-    ``analysis`` carries the decomposition so that projecting at a chosen rank needs no new one.
+    ``axes``: the allowed rank values along each rank axis, ascending (1-D for matrix schemes, ``(r_in values,
+    r_out values)`` for Tucker-2); flat index ``k`` ↔ ``(axes[0][i], axes[1][j])`` with ``k = i·len(axes[1]) + j``.
+    ``costs``: ``{"params": ..., "macs": ..., ...}`` float64 tensors of length ``prod(grid_shape)`` (the engine may
+    add ``"latency"``); ``dense``: the same keys for the dense layer. ``err``: the exact squared projection error in
+    the engine's metric. The dense option (error 0) is not in the grid. ``analysis`` carries the decomposition so
+    that projecting at a chosen rank needs no new one.
     """
 
-    grid_shape: tuple[int, ...]
-    min_rank: tuple[int, ...]
-    params: Tensor
-    macs: Tensor
+    axes: tuple[tuple[int, ...], ...]
+    costs: dict[str, Tensor]
     err: Tensor
-    dense_params: int
-    dense_macs: int
+    dense: dict[str, float]
     analysis: Any
 
-    def cost(self, kind: str) -> Tensor:
-        return self.macs if kind == "macs" else self.params
+    @property
+    def grid_shape(self) -> tuple[int, ...]:
+        return tuple(len(a) for a in self.axes)
 
-    def dense_cost(self, kind: str) -> int:
-        return self.dense_macs if kind == "macs" else self.dense_params
+    def cost(self, kind: str) -> Tensor:
+        return self.costs[kind]
+
+    def dense_cost(self, kind: str) -> float:
+        return self.dense[kind]
 
     def rank_of(self, index: int) -> Rank:
         """Rank at flat ``index`` (an int for 1-D grids, ``(r_in, r_out)`` for Tucker-2)."""
@@ -60,17 +72,17 @@ class Candidates:
         for size in reversed(self.grid_shape):
             idx.append(index % size)
             index //= size
-        rank = tuple(m + i for m, i in zip(self.min_rank, reversed(idx), strict=True))
+        rank = tuple(ax[i] for ax, i in zip(self.axes, reversed(idx), strict=True))
         return rank[0] if len(rank) == 1 else rank  # type: ignore[return-value]
 
     def index_of(self, rank: Rank) -> int:
         """Flat index of ``rank`` (inverse of :meth:`rank_of`)."""
         r = (rank,) if isinstance(rank, int) else tuple(rank)
         index = 0
-        for m, size, value in zip(self.min_rank, self.grid_shape, r, strict=True):
-            if not m <= value < m + size:
-                raise ValueError(f"rank {rank} is outside the candidate grid starting at {self.min_rank}")
-            index = index * size + (value - m)
+        for ax, value in zip(self.axes, r, strict=True):
+            if value not in ax:
+                raise ValueError(f"rank {rank} is not on the candidate grid {self.axes}")
+            index = index * len(ax) + ax.index(value)
         return index
 
 
@@ -84,8 +96,8 @@ class Scheme(ABC):
         """Largest rank along each axis."""
 
     @abstractmethod
-    def candidates(self, weight: Tensor, geometry: LayerGeometry, min_rank: int = 1) -> Candidates:
-        """Cost and exact error of every rank in ``[min_rank, full]`` (per axis) for ``weight``."""
+    def candidates(self, weight: Tensor, geometry: LayerGeometry, min_rank: int = 1, multiple: int = 1) -> Candidates:
+        """Cost and exact error of every rank of :func:`rank_values` (per axis) for ``weight``."""
 
     @abstractmethod
     def project(self, weight: Tensor, rank: Rank, analysis: Any = None, n_iter: int = 0) -> tuple[Tensor, Any]:
@@ -100,10 +112,6 @@ class Scheme(ABC):
         """``(params, MACs)`` at ``rank``."""
 
 
-def _grid(min_rank: int, full: int) -> int:
-    return max(full - min(min_rank, full) + 1, 1)
-
-
 def _f64(x: int | Tensor) -> Tensor:
     return torch.as_tensor(x, dtype=torch.float64)
 
@@ -116,21 +124,21 @@ class Tucker2Scheme(Scheme):
     def full_rank(self, module: nn.Module) -> tuple[int, int]:
         return module.in_channels, module.out_channels
 
-    def candidates(self, weight: Tensor, geometry: LayerGeometry, min_rank: int = 1) -> Candidates:
+    def candidates(self, weight: Tensor, geometry: LayerGeometry, min_rank: int = 1, multiple: int = 1) -> Candidates:
         t, s = weight.shape[:2]
-        lo_in, lo_out = min(min_rank, s), min(min_rank, t)
+        ax_in, ax_out = tuple(rank_values(s, min_rank, multiple)), tuple(rank_values(t, min_rank, multiple))
         an = tucker2_analysis(weight)
         dev = an.table.device
-        r_in = torch.arange(lo_in, s + 1, device=dev, dtype=torch.float64)[:, None]
-        r_out = torch.arange(lo_out, t + 1, device=dev, dtype=torch.float64)[None, :]
+        i_in = torch.tensor(ax_in, device=dev)
+        i_out = torch.tensor(ax_out, device=dev)
+        r_in = i_in.to(torch.float64)[:, None]
+        r_out = i_out.to(torch.float64)[None, :]
         params, macs = tucker2_cost(geometry, r_in, r_out)
-        err = an.table[lo_in:, lo_out:]
-        shape = (s - lo_in + 1, t - lo_out + 1)
+        err = an.table[i_in][:, i_out]
+        shape = (len(ax_in), len(ax_out))
         dp, dm = dense_cost(geometry)
-        return Candidates(
-            shape, (lo_in, lo_out), params.expand(shape).reshape(-1), macs.expand(shape).reshape(-1),
-            err.reshape(-1), dp, dm, an,
-        )
+        costs = {"params": params.expand(shape).reshape(-1), "macs": macs.expand(shape).reshape(-1)}
+        return Candidates((ax_in, ax_out), costs, err.reshape(-1), {"params": float(dp), "macs": float(dm)}, an)
 
     def project(self, weight: Tensor, rank: Rank, analysis: Any = None, n_iter: int = 0) -> tuple[Tensor, Any]:
         if n_iter > 0 or analysis is None:
@@ -158,16 +166,16 @@ class _MatrixBase(Scheme):
     def _cost(self, geometry: LayerGeometry, rank: Any) -> tuple[Any, Any]:
         raise NotImplementedError
 
-    def candidates(self, weight: Tensor, geometry: LayerGeometry, min_rank: int = 1) -> Candidates:
+    def candidates(self, weight: Tensor, geometry: LayerGeometry, min_rank: int = 1, multiple: int = 1) -> Candidates:
         mat = self._matrix(weight)
-        full = min(mat.shape)
-        lo = min(min_rank, full)
+        ax = tuple(rank_values(min(mat.shape), min_rank, multiple))
         an = matrix_analysis(mat)
-        r = torch.arange(lo, full + 1, device=an.table.device, dtype=torch.float64)
+        idx = torch.tensor(ax, device=an.table.device)
+        r = idx.to(torch.float64)
         params, macs = self._cost(geometry, r)
         dp, dm = dense_cost(geometry)
-        return Candidates((full - lo + 1,), (lo,), _f64(params).expand(r.shape), _f64(macs).expand(r.shape),
-                          an.table[lo:], dp, dm, an)
+        costs = {"params": _f64(params).expand(r.shape), "macs": _f64(macs).expand(r.shape)}
+        return Candidates((ax,), costs, an.table[idx], {"params": float(dp), "macs": float(dm)}, an)
 
     def project(self, weight: Tensor, rank: Rank, analysis: Any = None, n_iter: int = 0) -> tuple[Tensor, Any]:
         r = int(rank if isinstance(rank, int) else rank[0])

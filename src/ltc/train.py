@@ -1,12 +1,14 @@
-"""Training and evaluation loops (used by the CLI and by :mod:`ltc.compress`).
+"""The one training loop of ltc, and its one checkpoint format.
 
-* :func:`train_one_epoch` / :func:`evaluate` run one pass over a loader of ``(inputs, targets)``
-  batches (extra batch elements are ignored) and return per-sample averages.
-* :func:`fit` runs several epochs with optional validation, LR scheduling (stepped once per
-  epoch), CSV/JSONL logging (:class:`RunLog`) and atomic per-epoch checkpoints that can be resumed
-  bit-exactly (on CPU).
-* An ``extra_loss`` callable (e.g. the LTC rank penalty) is evaluated every batch and added to the
-  task loss before back-propagation.
+Everything that trains goes through :func:`fit`: base training (``ltc train``), the L steps of the LC methods and
+fine-tuning (``ltc.compress``), ``ltc finetune``. It is the only place with a NaN guard, a resume path, epoch
+seeding, DistributedDataParallel wrapping and a checkpoint writer. Callers plug in through hooks:
+
+* ``extra_loss()``: added to the batch loss (the LC penalty);
+* ``teacher`` + ``kd_weight`` / ``kd_temperature``: knowledge distillation from a frozen network;
+* ``on_epoch_end(epoch, row)``: runs after each epoch, before the checkpoint (the C step); may return extra row
+  fields and ``{"stop": True}`` to end the run early;
+* ``extra_state=(get, set)``: more state stored in (and restored from) the checkpoint (the engine's).
 
 Accuracies are fractions in ``[0, 1]``; losses are per-sample means; times are in seconds.
 """
@@ -17,23 +19,23 @@ import csv
 import io
 import json
 import math
-import pickle
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import Sampler
 from tqdm.auto import tqdm
 
-from ltc.surgery import unwrap
-from ltc.utils import (
+from .settings import OPTIMIZERS, SCHEDULES, check_choice, check_int, check_number
+from .surgery import unwrap
+from .utils import (
     atomic_torch_save,
     atomic_write_text,
     get_rng_state,
@@ -45,27 +47,77 @@ from ltc.utils import (
 )
 
 __all__ = [
-    "NonFiniteLossError",
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
+    "EpochSeededSampler",
     "EpochStats",
     "EvalStats",
-    "EpochSeededSampler",
+    "NonFiniteLossError",
     "RunLog",
-    "make_optimizer",
-    "make_scheduler",
-    "train_one_epoch",
+    "TrainConfig",
+    "accuracy",
+    "count_correct",
+    "distillation_loss",
     "evaluate",
     "fit",
-    "count_correct",
-    "accuracy",
-    "CHECKPOINT_FORMAT",
     "load_error_reason",
+    "make_optimizer",
+    "make_scheduler",
+    "prepare_loader_epoch",
+    "read_checkpoint",
+    "train_one_epoch",
 ]
 
-CHECKPOINT_FORMAT = "ltc-fit-v1"
+CHECKPOINT_FORMAT = "ltc-checkpoint"
+CHECKPOINT_VERSION = 1
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite (raised before the optimizer step)."""
+    """The training loss or the weights became NaN or infinite (raised before anything is checkpointed)."""
+
+
+@dataclass
+class TrainConfig:
+    """How :func:`fit` trains a base network (the ``train:`` section of a YAML config), validated here once.
+
+    ``epochs``; ``optimizer`` (``'sgd'``, ``'adam'``, ``'adamw'``) at learning rate ``lr`` with ``momentum`` /
+    ``nesterov`` (SGD) and ``weight_decay`` on weights with ``ndim > 1``; ``schedule`` (``'cosine'``, ``'step'``,
+    ``'exp'``, ``'none'``) stepped once per epoch after ``warmup_epochs`` of linear ramp; ``label_smoothing``;
+    ``amp`` (mixed precision on CUDA), ``channels_last`` (CUDA), ``grad_clip`` (max global gradient norm).
+    """
+
+    epochs: int = 10
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: int = 0
+    label_smoothing: float = 0.0
+    amp: bool = False
+    channels_last: bool = False
+    grad_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        check_int("epochs", self.epochs, ge=0)
+        self.optimizer = check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_number("lr", self.lr, gt=0)
+        check_number("momentum", self.momentum, ge=0, lt=1)
+        check_number("weight_decay", self.weight_decay, ge=0)
+        self.schedule = check_choice("schedule", self.schedule, SCHEDULES)
+        check_int("warmup_epochs", self.warmup_epochs, ge=0)
+        check_number("label_smoothing", self.label_smoothing, ge=0, lt=1)
+        check_number("grad_clip", self.grad_clip, gt=0, optional=True)
+
+    def optimizer_kwargs(self) -> dict[str, Any]:
+        return {"name": self.optimizer, "lr": self.lr, "momentum": self.momentum, "nesterov": self.nesterov,
+                "weight_decay": self.weight_decay}
+
+    def scheduler_kwargs(self) -> dict[str, Any] | None:
+        if self.schedule == "none" and self.warmup_epochs == 0:
+            return None
+        return {"name": self.schedule, "warmup_epochs": self.warmup_epochs}
 
 
 @dataclass
@@ -73,10 +125,11 @@ class EpochStats:
     """Result of :func:`train_one_epoch`.
 
     Attributes:
-        loss: mean task loss per sample (without ``extra_loss``).
+        loss: mean training loss per sample (the task loss, or its mix with distillation; without ``extra_loss``).
         extra_loss: mean of ``extra_loss()`` over batches (0.0 when no extra loss is used).
         acc: top-1 accuracy in [0, 1] (NaN if the targets are not class labels).
         samples: number of training samples seen (summed over processes).
+        batches: number of batches this process ran.
         seconds: wall-clock time of the epoch.
     """
 
@@ -84,6 +137,7 @@ class EpochStats:
     extra_loss: float
     acc: float
     samples: int
+    batches: int
     seconds: float
 
 
@@ -95,6 +149,23 @@ class EvalStats:
     acc: float
     samples: int
     seconds: float
+
+
+def distillation_loss(
+    student: Tensor, teacher: Tensor, target: Tensor, *, weight: float, temperature: float,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Knowledge distillation (Hinton, Vinyals, Dean 2015): ``(1 − weight)·CE(student, target) +
+    weight·T²·KL(softmax(teacher/T) ‖ softmax(student/T))``, the KL averaged over the batch. ``student`` /
+    ``teacher``: logits ``(N, C)``; ``target``: class indices ``(N,)``; ``weight`` in [0, 1]; ``temperature`` > 0.
+    """
+    ce = F.cross_entropy(student, target, label_smoothing=label_smoothing)
+    if weight == 0:
+        return ce
+    t = float(temperature)
+    kl = F.kl_div(F.log_softmax(student.float() / t, dim=1), F.log_softmax(teacher.float() / t, dim=1),
+                  log_target=True, reduction="batchmean")
+    return (1.0 - weight) * ce + weight * (t * t) * kl
 
 
 # --------------------------------------------------------------------------- metrics
@@ -139,6 +210,7 @@ def make_optimizer(
     momentum: float = 0.9,
     nesterov: bool = True,
     weight_decay: float = 5e-4,
+    no_decay: Iterable[nn.Parameter] = (),
 ) -> Optimizer:
     """Build an SGD / Adam / AdamW optimiser.
 
@@ -152,10 +224,13 @@ def make_optimizer(
         name: ``"sgd"`` (``momentum``/``nesterov`` apply; Nesterov needs momentum > 0),
             ``"adam"`` (L2 penalty) or ``"adamw"`` (decoupled decay).
         lr: learning rate.
+        no_decay: parameters trained without weight decay whatever their shape (e.g. the LC-compressed layers'
+            weights during L steps, whose regulariser is the penalty).
     """
     if isinstance(params, nn.Module):
         params = params.parameters()
     items = list(params)
+    exempt = {id(p) for p in no_decay}
     groups_in: list[dict[str, Any]] = (
         [dict(g) for g in items] if items and isinstance(items[0], dict) else [{"params": items}]
     )
@@ -166,24 +241,22 @@ def make_optimizer(
         rest = {k: v for k, v in g.items() if k != "params"}
         wd = rest.pop("weight_decay", weight_decay)
         if wd > 0:
-            decay = [p for p in ps if p.ndim > 1]
-            no_decay = [p for p in ps if p.ndim <= 1]
+            decay = [p for p in ps if p.ndim > 1 and id(p) not in exempt]
+            plain = [p for p in ps if p.ndim <= 1 or id(p) in exempt]
             if decay:
                 groups.append({"params": decay, "weight_decay": wd, **rest})
-            if no_decay:
-                groups.append({"params": no_decay, "weight_decay": 0.0, **rest})
+            if plain:
+                groups.append({"params": plain, "weight_decay": 0.0, **rest})
         elif ps:
             groups.append({"params": ps, "weight_decay": 0.0, **rest})
     if not groups:
         raise ValueError("make_optimizer: no trainable parameters (all have requires_grad=False?)")
-    key = name.lower()
+    key = check_choice("optimizer", name, OPTIMIZERS)
     if key == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=bool(nesterov and momentum > 0))
     if key == "adam":
         return torch.optim.Adam(groups, lr=lr)
-    if key == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
-    raise ValueError(f"unknown optimizer {name!r}; choose 'sgd', 'adam' or 'adamw'")
+    return torch.optim.AdamW(groups, lr=lr)
 
 
 def make_scheduler(
@@ -194,6 +267,7 @@ def make_scheduler(
     step_size: int = 30,
     gamma: float = 0.1,
     warmup_epochs: int = 0,
+    cycle: int | None = None,
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
     """LR schedule as a resumable ``LambdaLR`` (``None`` for ``name="none"``).
 
@@ -207,12 +281,13 @@ def make_scheduler(
     * ``"step"``: ``gamma ** ((t - warmup) // step_size)``;
     * ``"exp"``: ``gamma ** (t - warmup)`` (per epoch);
     * ``"none"``: 1 (with warmup, only the ramp; without warmup, ``None`` is returned).
+
+    ``cycle``: restart the schedule every ``cycle`` epochs (``t`` counts from the last restart; ``epochs`` is then
+    the length of one cycle): the LC methods' L steps restart their learning rate each step.
     """
-    key = name.lower()
-    if key not in {"cosine", "step", "exp", "none"}:
-        raise ValueError(f"unknown scheduler {name!r}; choose 'cosine', 'step', 'exp' or 'none'")
-    if epochs < 1 or steps_per_epoch < 1 or step_size < 1 or warmup_epochs < 0:
-        raise ValueError("epochs, steps_per_epoch and step_size must be >= 1 and warmup_epochs >= 0")
+    key = check_choice("schedule", name, SCHEDULES)
+    if epochs < 1 or steps_per_epoch < 1 or step_size < 1 or warmup_epochs < 0 or (cycle is not None and cycle < 1):
+        raise ValueError("epochs, steps_per_epoch, step_size and cycle must be >= 1 and warmup_epochs >= 0")
     if key == "none" and warmup_epochs == 0:
         return None
     spe = float(steps_per_epoch)
@@ -221,6 +296,8 @@ def make_scheduler(
 
     def factor(step: int) -> float:
         t = step / spe
+        if cycle is not None:
+            t = t % cycle
         if t < warm:
             return min(1.0, (t + 1.0 / spe) / warm)
         u = t - warm
@@ -359,6 +436,9 @@ def train_one_epoch(
     desc: str = "train",
     epoch: int | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    teacher: nn.Module | None = None,
+    kd_weight: float = 0.0,
+    kd_temperature: float = 4.0,
 ) -> EpochStats:
     """Train ``model`` for one pass over ``loader``.
 
@@ -373,6 +453,8 @@ def train_one_epoch(
         grad_clip: max global L2 norm of the gradients (``None``: no clipping).
         epoch: 1-based epoch number used in error messages.
         scaler: GradScaler to reuse across epochs for fp16 (created on demand otherwise).
+        teacher: with ``kd_weight > 0``, a frozen network (run in eval mode, no gradients) whose logits the
+            model is distilled towards: the loss is :func:`distillation_loss` instead of ``criterion``.
 
     Raises:
         NonFiniteLossError: when the total loss of a batch is NaN/inf (before ``optimizer.step()``).
@@ -384,6 +466,9 @@ def train_one_epoch(
     if criterion is None:
         criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     model.train()
+    distil = teacher is not None and kd_weight > 0
+    if distil:
+        teacher.to(dev).eval()  # type: ignore[union-attr]
 
     start = time.perf_counter()
     loss_sum = 0.0
@@ -410,7 +495,13 @@ def train_one_epoch(
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type=dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 outputs = model(inputs)
-                loss = criterion(outputs, targets)
+                if distil:
+                    with torch.no_grad():
+                        t_out = teacher(inputs)  # type: ignore[misc]
+                    loss = distillation_loss(outputs, t_out, targets, weight=kd_weight, temperature=kd_temperature,
+                                             label_smoothing=label_smoothing)
+                else:
+                    loss = criterion(outputs, targets)
             loss = loss.float()
             total = loss
             extra_val = 0.0
@@ -466,6 +557,7 @@ def train_one_epoch(
         extra_loss=extra_sum / n_batches_f if n_batches_f else 0.0,
         acc=correct_f / n_class_f if n_class_f else float("nan"),
         samples=int(n_samples_f),
+        batches=n_batches,
         seconds=time.perf_counter() - start,
     )
 
@@ -564,6 +656,16 @@ def _json_safe(v: Any) -> Any:
     return v
 
 
+class LogSink(Protocol):
+    """Where :func:`fit` appends its per-epoch rows (:class:`RunLog` writes them to files)."""
+
+    def __len__(self) -> int: ...
+
+    def append(self, row: dict[str, Any]) -> None: ...
+
+    def truncate(self, n: int) -> None: ...
+
+
 class RunLog:
     """Per-epoch rows appended to ``<dir>/log.csv`` and ``<dir>/log.jsonl``.
 
@@ -641,7 +743,7 @@ class RunLog:
             atomic_write_text(self.csv_path, self._csv_text(fields, kept))
 
 
-# --------------------------------------------------------------------------- fit
+# --------------------------------------------------------------------------- checkpoints
 
 
 def load_error_reason(exc: BaseException) -> str:
@@ -654,29 +756,48 @@ def load_error_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
 
 
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    def unreadable(exc: BaseException) -> ValueError:
-        return ValueError(
-            f"{path} cannot be read ({load_error_reason(exc)}); it is damaged or not a checkpoint of "
-            "ltc.train.fit: delete it to start afresh, or resume from another copy"
-        )
+_WRITERS = {"ltc.fit": "ltc train / ltc.train.fit", "ltc.compress": "ltc compress / ltc.compress",
+            "ltc.finetune": "ltc finetune"}
 
+
+def read_checkpoint(path: str | Path, *, writer: str | None = None) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`fit` (``torch.load(weights_only=True)``: no pickled code).
+
+    The file is ``{"format": "ltc-checkpoint", "version", "writer", "ltc_version", "stage", "epoch", "epochs",
+    "stopped", "model", "optimizer", "scheduler", "scaler", "rng", "loader_generator", "history", "log_rows",
+    "extra"}``. ``writer`` (e.g. ``'ltc.compress'``): refuse a checkpoint that another command wrote.
+
+    Raises:
+        FileNotFoundError: no file. ValueError: unreadable, not an ltc checkpoint, another checkpoint version,
+        or another writer; each message says what to do.
+    """
+    p = Path(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:  # custom objects (e.g. in the history): unpickle fully
-        first = exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:  # truncated or not a torch file
-        if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError):
-            raise
-        raise unreadable(exc) from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:
-        raise unreadable(first) from None
-    warnings.warn(
-        f"checkpoint {path} cannot be loaded with weights_only=True ({load_error_reason(first)}); loaded it fully",
-        stacklevel=3,
-    )
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except Exception as exc:  # truncated zip, random bytes, pickled objects refused by weights_only, ...
+        raise ValueError(
+            f"checkpoint {p} cannot be read ({load_error_reason(exc)}); it is damaged or not written by ltc: "
+            "delete it to start afresh, or resume from another copy"
+        ) from None
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+        what = (f"format {obj.get('format')!r}" if isinstance(obj, dict) and obj.get("format") else
+                "a plain dict" if isinstance(obj, dict) else f"a {type(obj).__name__}")
+        raise ValueError(f"checkpoint {p} is not an ltc checkpoint (it holds {what}); point at an ltc run folder, "
+                         "or start afresh without resume")
+    if obj.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(
+            f"checkpoint {p} was written by another ltc version (checkpoint version {obj.get('version')!r}, "
+            f"ltc {obj.get('ltc_version')}; this ltc reads version {CHECKPOINT_VERSION}); start afresh without "
+            "--resume or use another checkpoint dir"
+        )
+    if writer is not None and obj.get("writer") != writer:
+        got = _WRITERS.get(str(obj.get("writer")), str(obj.get("writer")))
+        raise ValueError(
+            f"checkpoint {p} was written by {got}, not by {_WRITERS.get(writer, writer)}; point at a folder of "
+            "that kind of run, or start afresh without resume"
+        )
     return obj
 
 
@@ -688,8 +809,29 @@ def _nonfinite_entries(model: nn.Module) -> list[str]:
 
 def _kept(ckpt_path: Path | None) -> str:
     if ckpt_path is not None and ckpt_path.is_file():
-        return f"the last good checkpoint {ckpt_path} is unchanged (resume continues from it)"
-    return "no checkpoint was written"
+        return (f"The last good checkpoint {ckpt_path} is unchanged: resume from it (with a lower lr) or start "
+                "afresh")
+    return "No checkpoint was written"
+
+
+def _ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` wrapped in DistributedDataParallel under torch.distributed with > 1 process (else as is)."""
+    if world_size() <= 1 or isinstance(model, nn.parallel.DistributedDataParallel):
+        return model
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" \
+        else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def _sync_buffers(module: nn.Module) -> None:
+    """Under torch.distributed: rank 0's buffers (BatchNorm running statistics) on every process. DDP syncs them
+    at the start of each forward only, so after an epoch every process holds the statistics of its own last
+    batch; checkpoints, C steps and the returned model must not depend on the process."""
+    if world_size() <= 1:
+        return
+    for b in module.buffers():
+        if b.is_floating_point():
+            torch.distributed.broadcast(b.data, src=0)
 
 
 def fit(
@@ -705,87 +847,101 @@ def fit(
     device: str | torch.device = "cpu",
     extra_loss: Callable[[], Tensor | float] | None = None,
     criterion: Callable[[Tensor, Tensor], Tensor] | None = None,
+    teacher: nn.Module | None = None,
+    kd_weight: float = 0.0,
+    kd_temperature: float = 4.0,
     checkpoint_path: str | Path | None = None,
     resume: bool = False,
-    log: RunLog | None = None,
+    writer: str = "ltc.fit",
+    stage: str = "train",
+    extra_state: tuple[Callable[[], dict[str, Any]], Callable[[dict[str, Any]], None]] | None = None,
+    log: LogSink | None = None,
     progress: bool = True,
     amp: bool | str = False,
     channels_last: bool = False,
     grad_clip: float | None = None,
     label_smoothing: float = 0.0,
     seed: int | None = None,
+    epoch_offset: int = 0,
+    describe: Callable[[int], str] | None = None,
     on_epoch_end: Callable[[int, dict[str, Any]], dict[str, Any] | None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train for ``epochs`` epochs, validating, logging and checkpointing after each.
 
     Args:
-        model: moved to ``device`` before the optimiser is built.
+        model: moved to ``device`` before the optimiser is built; under torch.distributed with several processes
+            it is trained wrapped in ``DistributedDataParallel`` (give each process its share of the data, e.g.
+            a ``DistributedSampler``), its buffers are made rank 0's after every epoch, and only rank 0 writes.
         optimizer: used as is; otherwise ``make_optimizer(model, **opt_cfg)`` (defaults if ``None``).
         scheduler: stepped once after every epoch (``ReduceLROnPlateau`` gets the val loss, or the
             train loss without validation); otherwise built by
             ``make_scheduler(optimizer, epochs=epochs, **sched_cfg)`` when ``sched_cfg`` is given.
         extra_loss: added to the loss every batch (see :func:`train_one_epoch`).
-        checkpoint_path: if given, after every epoch the main process atomically writes
-            ``{"format", "epoch" (completed epochs), "epochs", "model", "optimizer", "scheduler",
-            "scaler", "rng", "loader_generator", "history", "log_rows"}`` ("model": the state_dict of the
-            model inside a DDP wrapper, so that a run can resume with another number of processes). A
-            checkpoint whose weights become NaN/inf is never written (``NonFiniteLossError``).
-        resume: load ``checkpoint_path`` when it exists and continue after its epoch (starts fresh
-            when it does not). Resuming with the same arguments reproduces an uninterrupted run
-            bit-for-bit on CPU: model/optimizer/scheduler/RNG states are restored, and the data
-            order is made resumable as described under ``seed``.
-        log: rows are appended to it; on resume it is truncated back to the checkpoint's position.
-        seed: if given, ``seed_everything(seed)`` at the start of a fresh run, and at the start of
-            every epoch ``e`` (0-based) the train loader's ``generator`` is re-seeded with
-            ``seed + e``, so a ``DataLoader(shuffle=True, generator=torch.Generator())`` draws an
-            order that depends only on ``(seed, e)``. Samplers with ``set_epoch`` (e.g.
-            :class:`EpochSeededSampler`, ``DistributedSampler``) get ``set_epoch(e)`` in any case.
-            Without ``seed`` the loader generator state is saved/restored with the checkpoint.
+        teacher, kd_weight, kd_temperature: knowledge distillation (see :func:`distillation_loss`).
+        checkpoint_path: if given, after every epoch the main process atomically writes the checkpoint described
+            in :func:`read_checkpoint` (``"model"``: the state_dict of the model inside any DDP wrapper, so that a
+            run can resume with another number of processes; ``"extra"``: ``extra_state[0]()``). A checkpoint
+            whose weights became NaN/inf is never written (``NonFiniteLossError``).
+        resume: load ``checkpoint_path`` when it exists and continue after its epoch (starts fresh when it does
+            not). It must have been written by ``writer`` at ``stage``. Resuming with the same arguments
+            reproduces an uninterrupted run bit-for-bit on CPU: model/optimizer/scheduler/RNG states are
+            restored, and the data order is made resumable as described under ``seed``.
+        writer, stage: recorded in the checkpoint (what wrote it, and which phase of that run).
+        extra_state: ``(get, set)``: ``get()`` is stored under ``"extra"``; ``set(extra)`` restores it on resume.
+        log: rows are appended to it (a :class:`RunLog` or any :class:`LogSink`); on resume it is truncated back
+            to the checkpoint's position.
+        seed: if given, ``seed_everything(seed)`` at the start of a fresh run, and at the start of every epoch
+            ``e`` (0-based) the train loader's ``generator`` is re-seeded with ``seed + epoch_offset + e``, so a
+            ``DataLoader(shuffle=True, generator=torch.Generator())`` draws an order that depends only on
+            ``(seed, epoch)``. Samplers with ``set_epoch`` (e.g. :class:`EpochSeededSampler`,
+            ``DistributedSampler``) get ``set_epoch(epoch_offset + e)`` in any case. Without ``seed`` the loader
+            generator state is saved/restored with the checkpoint.
+        epoch_offset: where this run's epochs sit in a longer schedule (data order only).
+        describe: ``describe(e)`` names epoch ``e`` (0-based) in messages; default ``"epoch e+1/epochs"``.
         on_epoch_end: ``f(epoch, row)`` called after each epoch (1-based) before logging and
-            checkpointing; a returned dict is merged into the row.
+            checkpointing; a returned dict is merged into the row; ``{"stop": True}`` ends the run after this
+            epoch (recorded, so a resumed run stops there too).
 
     Returns:
         History: one dict per completed epoch (including resumed ones) with keys ``epoch``
         (1-based), ``lr`` (LR used during the epoch), ``train_loss``, ``train_extra_loss``,
         ``train_acc``, ``val_loss``, ``val_acc`` (``None`` without ``val_loader``) and ``seconds``.
+
+    Raises:
+        NonFiniteLossError: a batch loss or the weights became NaN/inf; the last checkpoint is left as it was.
+        ValueError: ``resume`` with a checkpoint of another writer, stage, model or optimizer.
     """
-    if epochs < 0:
-        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    check_int("epochs", epochs, ge=0)
     dev = resolve_device(device)
-    model.to(dev)
+    core = unwrap(model)
+    core.to(dev)
     if optimizer is None:
-        optimizer = make_optimizer(model, **(opt_cfg or {}))
+        optimizer = make_optimizer(core, **(opt_cfg or {}))
     if scheduler is None and sched_cfg is not None:
         cfg = dict(sched_cfg)
-        cfg.setdefault("epochs", epochs)
+        cfg.setdefault("epochs", max(epochs, 1))
         scheduler = make_scheduler(optimizer, **cfg)
     amp_dtype = _amp_dtype(amp, dev)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     ckpt_path = Path(checkpoint_path) if checkpoint_path is not None else None
     gen = getattr(train_loader, "generator", None)
     gen = gen if isinstance(gen, torch.Generator) else None
+    label = describe or (lambda e: f"epoch {e + 1}/{epochs}")
 
     history: list[dict[str, Any]] = []
     start_epoch = 0
     if resume and ckpt_path is not None and ckpt_path.exists():
-        ckpt = _load_checkpoint(ckpt_path)
-        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{ckpt_path} is not a training checkpoint written by ltc.train.fit")
+        ckpt = read_checkpoint(ckpt_path, writer=writer)
+        if ckpt.get("stage") != stage:
+            raise ValueError(f"checkpoint {ckpt_path} holds stage {ckpt.get('stage')!r} of its run, not {stage!r}")
         if ckpt.get("epochs") not in (None, epochs):
-            warnings.warn(
-                f"resuming a run planned for {ckpt['epochs']} epochs with epochs={epochs}; "
-                "the LR schedule will not match an uninterrupted run",
-                stacklevel=2,
+            raise ValueError(
+                f"checkpoint {ckpt_path} belongs to a run of {ckpt['epochs']} epochs, not {epochs}; resume with the "
+                "run's settings, or start afresh in another folder"
             )
         try:
-            # stored without DDP's "module." prefix (older checkpoints may have it), so that a run can resume
-            # with another number of processes
-            core, state = unwrap(model), ckpt["model"]
-            if state and all(k.startswith("module.") for k in state) and not all(
-                k.startswith("module.") for k in core.state_dict()
-            ):
-                state = {k[len("module."):]: v for k, v in state.items()}
-            core.load_state_dict(state)
+            # stored without DDP's "module." prefix, so that a run can resume with another number of processes
+            core.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             text = " ".join(str(exc).split())
@@ -800,49 +956,42 @@ def fit(
         set_rng_state(ckpt["rng"])
         if gen is not None and ckpt.get("loader_generator") is not None:
             gen.set_state(ckpt["loader_generator"])
+        if extra_state is not None:
+            extra_state[1](ckpt.get("extra") or {})
         history = list(ckpt.get("history", []))
         start_epoch = int(ckpt["epoch"])
         if log is not None and ckpt.get("log_rows") is not None:
             log.truncate(int(ckpt["log_rows"]))
+        if ckpt.get("stopped"):
+            return history
     elif seed is not None:
         seed_everything(seed)
 
+    net = _ddp(model, dev)
     for e in range(start_epoch, epochs):
         t0 = time.perf_counter()
-        prepare_loader_epoch(train_loader, e, seed)
+        prepare_loader_epoch(train_loader, epoch_offset + e, seed)
         lr = _current_lr(optimizer)
+        where = label(e)
         try:
             tr = train_one_epoch(
-                model,
-                train_loader,
-                optimizer,
-                criterion=criterion,
-                extra_loss=extra_loss,
-                device=dev,
-                amp=amp,
-                channels_last=channels_last,
-                grad_clip=grad_clip,
-                label_smoothing=label_smoothing,
-                progress=progress,
-                desc=f"epoch {e + 1}/{epochs}",
-                epoch=e + 1,
-                scaler=scaler,
+                net, train_loader, optimizer, criterion=criterion, extra_loss=extra_loss, device=dev, amp=amp,
+                channels_last=channels_last, grad_clip=grad_clip, label_smoothing=label_smoothing,
+                progress=progress, desc=where, scaler=scaler, teacher=teacher, kd_weight=kd_weight,
+                kd_temperature=kd_temperature,
             )
         except NonFiniteLossError as exc:
-            kept = _kept(ckpt_path)
-            raise NonFiniteLossError(f"{exc} {kept[:1].upper()}{kept[1:]}") from None
-        bad = _nonfinite_entries(model)
+            raise NonFiniteLossError(f"{where}: {exc} {_kept(ckpt_path)}") from None
+        _sync_buffers(core)
+        bad = _nonfinite_entries(core)
         if bad:  # a finite last loss, then a step to NaN/inf: never checkpoint such weights
             raise NonFiniteLossError(
-                f"epoch {e + 1}: the weights became NaN/inf ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) "
+                f"{where}: the weights became NaN/inf ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) "
                 "although every batch loss was finite. Training diverged; try a lower learning rate (or gradient "
-                f"clipping); {_kept(ckpt_path)}"
+                f"clipping). {_kept(ckpt_path)}"
             )
-        va = (
-            evaluate(model, val_loader, device=dev, amp=amp, channels_last=channels_last, criterion=criterion)
-            if val_loader is not None
-            else None
-        )
+        va = (evaluate(core, val_loader, device=dev, amp=amp, channels_last=channels_last, criterion=criterion)
+              if val_loader is not None else None)
         if scheduler is not None:
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 scheduler.step(va.loss if va is not None else tr.loss)
@@ -858,21 +1007,31 @@ def fit(
             "val_acc": va.acc if va is not None else None,
             "seconds": time.perf_counter() - t0,
         }
+        stop = False
         if on_epoch_end is not None:
             more = on_epoch_end(e + 1, row)
             if more:
-                row.update(_plain(dict(more)))
+                more = dict(more)
+                stop = bool(more.pop("stop", False))
+                row.update(_plain(more))
         row = _plain(row)
         history.append(row)
         if log is not None:
             log.append(row)
         if ckpt_path is not None and is_main_process():
+            from . import __version__
+
             atomic_torch_save(
                 {
                     "format": CHECKPOINT_FORMAT,
+                    "version": CHECKPOINT_VERSION,
+                    "writer": writer,
+                    "ltc_version": __version__,
+                    "stage": stage,
                     "epoch": e + 1,
                     "epochs": epochs,
-                    "model": unwrap(model).state_dict(),
+                    "stopped": stop,
+                    "model": core.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "scaler": scaler.state_dict() if scaler is not None else None,
@@ -880,12 +1039,15 @@ def fit(
                     "loader_generator": gen.get_state() if gen is not None else None,
                     "history": history,
                     "log_rows": len(log) if log is not None else None,
+                    "extra": extra_state[0]() if extra_state is not None else None,
                 },
                 ckpt_path,
             )
         if progress and is_main_process():
-            msg = f"epoch {e + 1}/{epochs}: lr {lr:.4g} train loss {tr.loss:.4f} acc {tr.acc:.4f}"
+            msg = f"{where}: lr {lr:.4g} train loss {tr.loss:.4f} acc {tr.acc:.4f}"
             if va is not None:
                 msg += f" | val loss {va.loss:.4f} acc {va.acc:.4f}"
             tqdm.write(msg)
+        if stop:
+            break
     return history

@@ -6,7 +6,17 @@ Sources: ``"digits"`` (bundled), CIFAR-10 python batches (folder or tar.gz), ``<
 (directory or zip) and MedMNIST-style ``.npz``. Every problem with a source raises :class:`DataError`.
 """
 
-from .build import DataBundle, build, detect_format, eval_loader, load_split, loaders, seed_worker
+from .build import (
+    DataBundle,
+    ShardSampler,
+    build,
+    calibration_loader,
+    detect_format,
+    eval_loader,
+    load_split,
+    loaders,
+    seed_worker,
+)
 from .datasets import (
     ArrayDataset,
     ImageDataset,
@@ -47,10 +57,12 @@ __all__ = [
     "RandomCrop",
     "RandomHorizontalFlip",
     "Resize",
+    "ShardSampler",
     "Subset",
     "ToChannels",
     "ToFloat",
     "build",
+    "calibration_loader",
     "channel_stats",
     "decode_image",
     "detect_format",

@@ -20,7 +20,9 @@ from .transforms import eval_transform, train_transform
 
 __all__ = [
     "DataBundle",
+    "ShardSampler",
     "build",
+    "calibration_loader",
     "detect_format",
     "eval_loader",
     "load_split",
@@ -334,6 +336,20 @@ def seed_worker(worker_id: int) -> None:
     random.seed(s)
 
 
+class ShardSampler(torch.utils.data.Sampler[int]):
+    """In-order indices ``rank, rank + world, ...``: each process evaluates its own share, none twice (the
+    evaluation sums its counts over the processes)."""
+
+    def __init__(self, n: int, rank: int, world: int) -> None:
+        self.indices = list(range(rank, n, world))
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 def loaders(
     bundle: DataBundle,
     batch_size: int = 128,
@@ -341,11 +357,18 @@ def loaders(
     seed: int = 0,
     *,
     eval_batch_size: int | None = None,
+    distributed: bool = False,
 ) -> tuple[DataLoader, DataLoader | None]:
     """``(train_loader, val_loader)``: train shuffled by a ``torch.Generator`` seeded with ``seed``; val in
     order (``None`` when the bundle has no val). When the last train batch would hold a single sample it is
     dropped (BatchNorm cannot train on one). With ``workers=0`` augmentation draws from the main process's
-    global torch RNG: call ``torch.manual_seed`` for fully repeatable runs."""
+    global torch RNG: call ``torch.manual_seed`` for fully repeatable runs.
+
+    ``distributed``: under torch.distributed with several processes, each process gets its share of every
+    epoch: train through a ``DistributedSampler`` (seeded, shuffled, ``set_epoch`` by :func:`ltc.train.fit`,
+    last partial batch dropped), val through a :class:`ShardSampler`."""
+    from ..utils import rank, world_size
+
     g = torch.Generator()
     g.manual_seed(seed)
     common = {
@@ -354,18 +377,38 @@ def loaders(
         "persistent_workers": workers > 0,
     }
     n = len(bundle.train)
-    train = DataLoader(
-        bundle.train,
-        batch_size=batch_size,
-        shuffle=True,
-        generator=g,
-        drop_last=n > 1 and n % batch_size == 1,
-        **common,
-    )
+    world = world_size() if distributed else 1
+    if world > 1:
+        from torch.utils.data import DistributedSampler
+
+        sampler = DistributedSampler(bundle.train, shuffle=True, seed=seed, drop_last=True)
+        train = DataLoader(bundle.train, batch_size=batch_size, sampler=sampler, **common)
+    else:
+        train = DataLoader(
+            bundle.train,
+            batch_size=batch_size,
+            shuffle=True,
+            generator=g,
+            drop_last=n > 1 and n % batch_size == 1,
+            **common,
+        )
     val = None
     if bundle.val is not None:
-        val = DataLoader(bundle.val, batch_size=eval_batch_size or batch_size, shuffle=False, **common)
+        sampler_v = ShardSampler(len(bundle.val), rank(), world) if world > 1 else None
+        val = DataLoader(bundle.val, batch_size=eval_batch_size or batch_size, shuffle=False, sampler=sampler_v,
+                         **common)
     return train, val
+
+
+def calibration_loader(bundle: DataBundle, images: int = 2048, seed: int = 0, batch_size: int = 128) -> DataLoader:
+    """A fixed, seeded sample of ``images`` training images without augmentation, in a fixed order: what
+    BatchNorm re-estimation and the data metric of the C step read (the same images on every process and in
+    every pass, so that resumed runs repeat them)."""
+    n = len(bundle.train)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(n, generator=g)[: min(images, n)].tolist()
+    tf = eval_transform(bundle.image_size, bundle.mean, bundle.std, bundle.in_channels)
+    return DataLoader(Subset(bundle.train, idx).with_transform(tf), batch_size=batch_size, shuffle=False)
 
 
 def eval_loader(dataset: Data, batch_size: int = 256, workers: int = 0) -> DataLoader:

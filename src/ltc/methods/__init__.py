@@ -10,11 +10,12 @@ training, fine-tuning) is shared. Each method builds an :class:`~ltc.engine.LCEn
 | `oneshot` | one LTC C step on the pretrained weights (ablation)     | no                 |
 | `vbmf`    | EVBMF of both channel unfoldings (Kim et al. 2016)      | no                 |
 | `uniform` | one rank fraction (or energy threshold) for all layers  | no                 |
+| `prune`   | Torch-Pruning L2 channel pruning to the same target     | no                 |
 """
 
 from __future__ import annotations
 
-from . import lrc, ltc, oneshot, uniform, vbmf  # noqa: E402,F401  (registration)
-from .base import Method, get_method, list_methods, register_method
+from . import lrc, ltc, oneshot, prune, uniform, vbmf  # noqa: E402,F401  (registration)
+from .base import Compression, Method, get_method, list_methods, register_method
 
-__all__ = ["Method", "get_method", "list_methods", "register_method"]
+__all__ = ["Compression", "Method", "get_method", "list_methods", "register_method"]

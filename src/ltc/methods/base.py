@@ -1,46 +1,98 @@
-"""The method registry and the engine arguments every method shares."""
+"""The method registry, and what every method shares.
+
+A method decides how the ranks (or, for ``prune``, the channels) are picked; everything else (layers, costs,
+deployment, BatchNorm re-estimation, distillation, training, fine-tuning) is shared. ``build(model,
+example_input, **settings, **options)`` returns a :class:`Compression`: an :class:`~ltc.engine.LCEngine` for the
+low-rank methods, a pruning plan for ``prune``. Building computes nothing that the method does not need:
+``ltc`` / ``lrc`` run their first C step at ``engine.start()``, ``oneshot`` at the driver's ``start()``, and the
+assignment methods (``vbmf``, ``uniform``) never run one.
+"""
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from torch import Tensor, nn
 
 from ..cost import dense_cost
-from ..engine import LCEngine
+from ..engine import LTC, LCEngine
 
-__all__ = ["Method", "register_method", "get_method", "list_methods", "ENGINE_KEYS"]
+__all__ = ["Compression", "Method", "register_method", "get_method", "list_methods", "ENGINE_KEYS"]
 
 # Arguments passed through to LCEngine; anything else goes to the method's own options.
-ENGINE_KEYS = ("lam", "target_sr", "cost", "include", "exclude", "compress_linear", "mu0", "mu_growth",
-               "min_rank", "n_iter", "tol", "weighting")
+ENGINE_KEYS = ("lam", "target_sr", "cost", "include", "exclude", "compress_linear", "mu0", "mu_growth", "mu_cap",
+               "min_rank", "rank_multiple", "n_iter", "tol", "weighting", "metric", "calibration_images", "damping",
+               "calibration", "latency_table")
+
+
+class Compression(Protocol):
+    """What the driver needs from a method's result: ranks, SR/CR, the deployed model and resumable state."""
+
+    ranks: dict[str, Any]
+    history: list[dict[str, Any]]
+    lam: float
+
+    @property
+    def sr(self) -> float: ...
+
+    @property
+    def cr(self) -> float: ...
+
+    def start(self) -> None: ...
+
+    def compressed_model(self) -> nn.Module: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass(frozen=True)
 class Method:
-    """A compression method: ``build(model, example_input, **engine_kwargs, **options) -> LCEngine``.
+    """A compression method.
 
-    ``learns``: the method runs LC steps (L step + C step) before fine-tuning; otherwise the engine's ranks
-    are final at construction and the budget goes to fine-tuning.
+    ``learns``: it runs LC steps (L step + C step) before fine-tuning; otherwise its ranks are final once built
+    and the whole epoch budget goes to fine-tuning. ``lam``: ``'required'`` (exactly one of ``lam`` and
+    ``target_sr``), ``'never'`` (ranks by its own rule; ``target_sr`` optional), or ``'target'`` (``target_sr``
+    required, no λ). ``options``: the names of its own options (``method_options``).
     """
 
     name: str
     learns: bool
-    build: Callable[..., LCEngine]
+    build: Callable[..., Any]
     summary: str
+    lam: str = "required"
+    options: tuple[str, ...] = ()
+
+    def check(self, lam: Any, target_sr: Any, options: dict[str, Any]) -> None:
+        """The method's rules on λ, the target and its options; the same ``ValueError`` from every entry point."""
+        from ..engine import check_lam_target
+
+        if self.lam == "required":
+            check_lam_target(lam, target_sr)
+        elif lam is not None:
+            raise ValueError(f"method {self.name!r} picks its ranks without λ; drop lam (give target_sr, or its "
+                             f"options {', '.join(self.options) or 'none'})")
+        elif self.lam == "target" and target_sr is None:
+            raise ValueError(f"method {self.name!r} needs target_sr (the theoretical speed-up to prune to)")
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            allowed = f"only the options {', '.join(repr(o) for o in self.options)}" if self.options else "no options"
+            raise ValueError(f"method {self.name!r} takes {allowed}, not {unknown}")
 
 
 _METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, *, learns: bool, summary: str) -> Callable[[Callable[..., LCEngine]], Method]:
-    def deco(fn: Callable[..., LCEngine]) -> Method:
+def register_method(name: str, *, learns: bool, summary: str, lam: str = "required",
+                    options: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Method]:
+    def deco(fn: Callable[..., Any]) -> Method:
         if name in _METHODS:
             raise ValueError(f"method {name!r} is already registered")
-        m = Method(name, learns, fn, summary)
+        m = Method(name, learns, fn, summary, lam, options)
         _METHODS[name] = m
         return m
 
@@ -52,7 +104,7 @@ def get_method(name: str) -> Method:
     try:
         return _METHODS[name]
     except KeyError:
-        close = difflib.get_close_matches(name, _METHODS, n=1)
+        close = difflib.get_close_matches(str(name), _METHODS, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"unknown method {name!r}.{hint} Choose one of: {', '.join(sorted(_METHODS))}") from None
 
@@ -65,11 +117,6 @@ def split_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
     """``(engine kwargs, method options)``."""
     eng = {k: v for k, v in kwargs.items() if k in ENGINE_KEYS}
     return eng, {k: v for k, v in kwargs.items() if k not in ENGINE_KEYS}
-
-
-def reject_options(name: str, options: dict[str, Any]) -> None:
-    if options:
-        raise TypeError(f"method {name!r} takes no option(s) {sorted(options)}")
 
 
 def bisect_largest(feasible: Callable[[float], bool], lo: float = 0.0, hi: float = 1.0, iters: int = 40) -> float:
@@ -92,10 +139,7 @@ Example = Tensor | tuple[Any, ...]
 def assignment_engine(model: Model, example_input: Example, eng: dict[str, Any]) -> tuple[LCEngine, float | None]:
     """An engine for methods that pick ranks by their own rule (then :meth:`LCEngine.assign`).
 
-    Returns the engine and the budget target taken out of ``eng`` (``lam`` means nothing to such methods).
-    """
-    from ..engine import LTC
-
+    Returns the engine and the budget target taken out of ``eng`` (such methods take no λ)."""
     eng = dict(eng)
     target = eng.pop("target_sr", None)
     eng.pop("lam", None)
@@ -122,7 +166,7 @@ def meet_target(engine: LCEngine, target: float, ranks_at: Callable[[float], dic
 def ratio_of(engine: LCEngine, ranks: dict[str, Any]) -> float:
     """The SR (``cost='macs'``) or CR (``cost='params'``) the engine would report with ``ranks`` assigned,
     from the cost formulas alone (no projection: cheap enough to call in a bisection loop)."""
-    macs = engine.cost_kind == "macs"
+    macs = engine.cost_kind != "params"
     total = engine.fixed_macs if macs else engine.fixed_params
     for name, s in engine.layers.items():
         r = ranks.get(name, s.rank)

@@ -13,10 +13,11 @@ from typing import Any
 import torch
 
 from ..engine import LCEngine
-from .base import Example, Model, assignment_engine, meet_target, register_method, split_kwargs
+from .base import Example, Model, assignment_engine, meet_target, register_method
 
 
-@register_method("uniform", learns=False, summary="one rank fraction or energy threshold for all layers")
+@register_method("uniform", learns=False, lam="never", options=("fraction", "energy"),
+                 summary="one rank fraction or energy threshold for all layers")
 def build(
     model: Model,
     example_input: Example,
@@ -25,9 +26,7 @@ def build(
     energy: float | None = None,
     **kwargs: Any,
 ) -> LCEngine:
-    eng, opts = split_kwargs(kwargs)
-    if opts:
-        raise TypeError(f"method 'uniform' takes only the options 'fraction' and 'energy', not {sorted(opts)}")
+    eng = kwargs
     if fraction is not None and energy is not None:
         raise ValueError("give at most one of fraction and energy")
     for label, v in (("fraction", fraction), ("energy", energy)):
@@ -59,11 +58,13 @@ def build(
 
 
 def _energy_ranks(engine: LCEngine, energy: float) -> dict[str, Any]:
-    """Per layer, the cheapest grid rank whose projection keeps ``energy`` of ‖W‖² (exact error tables)."""
+    """Per layer, the cheapest grid rank whose projection keeps ``energy`` of ‖W‖² in the engine's metric (exact
+    error tables)."""
+    engine.prepare()
     out: dict[str, Any] = {}
     for name, s in engine.layers.items():
-        w = s.weight.detach()
-        c = s.scheme.candidates(w, s.geometry, engine.min_rank)
+        w = s.to_metric(s.weight.detach())
+        c = engine.candidates(s, w)
         total = float(w.double().square().sum())
         ok = c.err <= (1.0 - energy) * total + 1e-12 * total
         cost = c.cost(engine.cost_kind).clone()

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..engine import LCEngine
 from ..vbmf import evbmf, vbmf_tucker2_ranks
-from .base import Example, Model, assignment_engine, meet_target, register_method, split_kwargs
+from .base import Example, Model, assignment_engine, meet_target, register_method
 
 log = logging.getLogger("ltc")
 
@@ -23,11 +23,10 @@ def _weakened(r: int, full: int, weaken: float) -> int:
     return min(full, max(1, r + math.floor(weaken * (full - r) + 0.5)))
 
 
-@register_method("vbmf", learns=False, summary="EVBMF ranks of both unfoldings, one-shot (Kim et al. 2016)")
+@register_method("vbmf", learns=False, lam="never", options=("weaken",),
+                 summary="EVBMF ranks of both unfoldings, one-shot (Kim et al. 2016)")
 def build(model: Model, example_input: Example, *, weaken: float | None = None, **kwargs: Any) -> LCEngine:
-    eng, opts = split_kwargs(kwargs)
-    if opts:
-        raise TypeError(f"method 'vbmf' takes only the option 'weaken', not {sorted(opts)}")
+    eng = kwargs
     if weaken is not None and not 0.0 <= weaken <= 1.0:
         raise ValueError(f"weaken must lie in [0, 1], got {weaken}")
     engine, target = assignment_engine(model, example_input, eng)

@@ -1,0 +1,165 @@
+"""How the C step measures a layer's approximation error: the engine's pluggable metrics.
+
+* ``weight`` (the slides): ``‖W − Θ‖²`` in weight space.
+* ``data``: ``‖(W − Θ) ×_in L‖²`` with ``Σ = L Lᵀ`` the (damped) second moment of the layer's inputs, estimated
+  with forward hooks on a few hundred calibration images. It is what the layer's output loses on those inputs:
+  exactly for 1x1 convs, linears and the matrix (LRC) scheme's patch covariance; for a kh x kw conv under
+  Tucker-2 the channel covariance ignores correlations between neighbouring pixels (spatial independence).
+
+A metric is a per-layer :class:`Whitening` (or ``None`` for the weight metric): the engine takes the Tucker-2 /
+SVD projection and its exact error table of ``Z ×_in L`` and maps ``Θ`` back with ``×_in L⁻¹``, so the deployed
+layer has the same ranks and is still three real convs. Pure tensor code plus forward hooks; no training here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["Whitening", "collect_input_moments", "whitening_from_moment", "input_batches", "metric_mode"]
+
+
+@dataclass
+class Whitening:
+    """The right factor of a layer's data metric: ``err(Θ) = ‖(W − Θ) ×_in L‖²``.
+
+    ``L``: ``(d, d)`` lower-triangular with ``Σ = L Lᵀ``; ``L_inv`` its inverse (float64). ``mode``:
+    ``'channel'`` (``d`` = the input channels, dim 1 of the weight) or ``'patch'`` (``d = S·kh·kw``, the
+    weight reshaped to ``(T, S·kh·kw)``: the exact metric of a kh x kw conv's unfolded input patches).
+    ``Σ`` is normalised to a mean eigenvalue of 1 (the metric's scale is the engine's ``w_k``); ``curvature`` is
+    its largest eigenvalue, by which the penalty's curvature exceeds ``ρ_k`` (the engine caps ``ρ_k·curvature``).
+    """
+
+    L: Tensor
+    L_inv: Tensor
+    mode: str
+    curvature: float = 1.0
+
+    def apply(self, x: Tensor) -> Tensor:
+        """``x ×_in L`` (error coordinates), in ``x``'s dtype."""
+        return _right(x, self.L, self.mode)
+
+    def unapply(self, x: Tensor) -> Tensor:
+        """``x ×_in L⁻¹`` (back to weight coordinates)."""
+        return _right(x, self.L_inv, self.mode)
+
+    def to(self, device: torch.device | str) -> Whitening:
+        return Whitening(self.L.to(device), self.L_inv.to(device), self.mode, self.curvature)
+
+
+def _right(x: Tensor, m: Tensor, mode: str) -> Tensor:
+    m = m.to(device=x.device, dtype=x.dtype)
+    if x.dim() == 2 or mode == "patch":
+        return (x.reshape(x.shape[0], -1) @ m).reshape(x.shape)
+    return torch.einsum("ts...,sr->tr...", x, m)
+
+
+def metric_mode(module: nn.Module, scheme: str) -> str:
+    """``'patch'`` for the matrix scheme on a kh x kw conv (its exact metric), ``'channel'`` otherwise."""
+    if scheme == "matrix" and isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1):
+        return "patch"
+    return "channel"
+
+
+def _features(module: nn.Module, x: Tensor, mode: str) -> Tensor:
+    """The rows whose second moment is the layer's metric: ``(n, d)`` float64."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1]).double()
+    if mode == "patch":
+        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
+                        stride=module.stride) if module.padding_mode == "zeros" else F.unfold(
+            F.pad(x, _pad4(module), mode=module.padding_mode), module.kernel_size, dilation=module.dilation,
+            stride=module.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1]).double()
+    return x.movedim(1, -1).reshape(-1, x.shape[1]).double()
+
+
+def _pad4(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    ph, pw = conv.padding if isinstance(conv.padding, tuple) else (conv.padding, conv.padding)
+    return (int(pw), int(pw), int(ph), int(ph))
+
+
+def input_batches(data: Any, images: int) -> Iterator[Tensor]:
+    """Input batches from ``data`` (a loader of ``(x, y, ...)`` / dicts with ``'input'``, a tensor ``(N, ...)`` or
+    a list of tensors) until ``images`` samples have been yielded."""
+    if isinstance(data, Tensor):
+        data = [data]
+    seen = 0
+    for batch in data:
+        x = batch["input"] if isinstance(batch, dict) else (batch[0] if isinstance(batch, list | tuple) else batch)
+        if not isinstance(x, Tensor):
+            raise TypeError("calibration data must yield tensors or (inputs, targets) batches")
+        x = x[: images - seen]
+        seen += x.shape[0]
+        yield x
+        if seen >= images:
+            return
+    if seen == 0:
+        raise ValueError("the calibration data yielded no images; pass a loader or tensor of training inputs")
+
+
+@torch.no_grad()
+def collect_input_moments(
+    model: nn.Module, layers: dict[str, str], data: Any, images: int = 512
+) -> dict[str, Tensor]:
+    """``{name: Σ}``: the uncentred second moment ``E[x xᵀ]`` (float64, ``(d, d)``) of each named layer's input
+    features, over the first ``images`` samples of ``data``. ``layers`` maps module names to ``'channel'`` /
+    ``'patch'`` (see :class:`Whitening`). The model runs in eval mode (BatchNorm uses its running statistics and
+    is not updated); every module's train/eval flag is restored afterwards."""
+    modules = dict(model.named_modules())
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {n: 0 for n in layers}
+
+    def hook(name: str, mode: str) -> Any:
+        def fn(mod: nn.Module, inputs: tuple[Any, ...], _out: Any) -> None:
+            rows = _features(mod, inputs[0].detach(), mode)
+            acc = rows.T @ rows
+            sums[name] = acc if name not in sums else sums[name] + acc
+            counts[name] += rows.shape[0]
+
+        return fn
+
+    handles = [modules[n].register_forward_hook(hook(n, m)) for n, m in layers.items()]
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        for x in input_batches(data, images):
+            model(x.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in flags:
+            m.training = t
+    missing = [n for n in layers if counts[n] == 0]
+    if missing:
+        raise ValueError(f"layers {missing[:5]} were not called by the forward pass of the calibration data")
+    return {n: sums[n] / counts[n] for n in layers}
+
+
+def whitening_from_moment(sigma: Tensor, mode: str, damping: float = 0.01) -> Whitening:
+    """The :class:`Whitening` of a second moment ``Σ``, normalised to ``Σ / mean(diag Σ) + damping·I`` (so that
+    dead input channels keep a positive weight and the inverse exists)."""
+    s = sigma.double()
+    d = s.shape[0]
+    scale = float(torch.diagonal(s).mean()) if d else 1.0
+    scale = scale if scale > 0 else 1.0
+    eye = torch.eye(d, dtype=s.dtype, device=s.device)
+    s = 0.5 * (s + s.T) / scale + damping * eye
+    scale = 1.0
+    jitter = 0.0
+    for _ in range(6):
+        L, info = torch.linalg.cholesky_ex(s + jitter * scale * eye)
+        if int(info) == 0:
+            break
+        jitter = max(jitter * 10, 1e-10)
+    else:  # pragma: no cover - a damped PSD matrix always factors
+        raise ValueError("the input second moment is not positive definite even after damping")
+    L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
+    curvature = float(torch.linalg.eigvalsh(s)[-1]) if d else 1.0
+    return Whitening(L, L_inv, mode, curvature)

@@ -1,0 +1,104 @@
+"""Setting names and value checks, in one place.
+
+Every settings object (:class:`~ltc.engine.EngineSettings`, :class:`~ltc.api.CompressConfig`,
+:class:`~ltc.train.TrainConfig`) validates its fields with these helpers, and the YAML configs of the command line
+are turned into those objects, so the engine, the Python API and the CLI give the same message for the same bad
+value. The messages name the setting, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = [
+    "COSTS",
+    "METRICS",
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "WEIGHTINGS",
+    "check_choice",
+    "check_int",
+    "check_number",
+    "is_number",
+]
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+"""Optimizer names accepted everywhere (case-insensitive)."""
+SCHEDULES = ("cosine", "step", "exp", "none")
+"""Learning-rate schedules of :func:`ltc.train.make_scheduler`."""
+COSTS = ("macs", "params", "latency")
+"""What the C step trades against the error: MACs, parameters, or measured latency (a per-layer table)."""
+WEIGHTINGS = ("relative", "absolute")
+"""How layers' errors compare in the C step (see :class:`~ltc.engine.LCEngine`)."""
+METRICS = ("weight", "data")
+"""How a layer's approximation error is measured: in weight space, or on the layer's inputs (data-aware)."""
+
+
+def is_number(v: Any) -> bool:
+    """An int or float, not a bool."""
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+    optional: bool = False,
+    what: str = "",
+) -> float | None:
+    """``value`` as a float if it is a finite number within the bounds; otherwise a ``ValueError`` naming it.
+
+    ``what`` is appended to the message (e.g. ``"(a speed-up)"``)."""
+    if value is None and optional:
+        return None
+    bounds = []
+    if gt is not None:
+        bounds.append(f"> {gt:g}")
+    if ge is not None:
+        bounds.append(f">= {ge:g}")
+    if lt is not None:
+        bounds.append(f"< {lt:g}")
+    if le is not None:
+        bounds.append(f"<= {le:g}")
+    if ge is not None and le is not None:
+        rule = f"lie in [{ge:g}, {le:g}]"
+    elif ge is not None and lt is not None:
+        rule = f"lie in [{ge:g}, {lt:g})"
+    elif gt is not None and le is not None:
+        rule = f"lie in ({gt:g}, {le:g}]"
+    else:
+        rule = "be a finite number" + (f" {' and '.join(bounds)}" if bounds else "")
+    msg = f"{name} must {rule}{f' {what}' if what else ''}, got {value!r}"
+    if not is_number(value) or not math.isfinite(value):
+        raise ValueError(msg)
+    v = float(value)
+    if (gt is not None and not v > gt) or (ge is not None and not v >= ge) or (lt is not None and not v < lt) or (
+        le is not None and not v <= le
+    ):
+        raise ValueError(msg)
+    return v
+
+
+def check_int(name: str, value: Any, *, ge: int | None = None, optional: bool = False) -> int | None:
+    """``value`` if it is an int (not a bool) ``>= ge``; otherwise a ``ValueError`` naming it."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or (ge is not None and value < ge):
+        rule = f"an int >= {ge}" if ge is not None else "an int"
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+    return int(value)
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
+    """``value`` (lower-cased) if it is one of ``choices``; otherwise a ``ValueError`` listing them."""
+    options = tuple(choices)
+    key = value.lower() if isinstance(value, str) else value
+    if key not in options:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in options)}, got {value!r}")
+    return str(key)
