@@ -8,9 +8,9 @@ Modes (``python tests/_resume_worker.py MODE ...``):
   saves the ranks, the compressed model's state_dict, the log and the history to ``RESULT``.
 * ``hang-write TARGET``: writes a good checkpoint to ``TARGET`` atomically, then starts a second atomic
   write whose writer stops half way (prints ``writing`` and sleeps) so that the test can SIGKILL it mid-write.
-* ``ddp OUT RESULT CLI_ARGS...``: under torchrun (gloo, CPU): ``ltc.api.compress`` of a DDP-wrapped model with a
-  ``DistributedSampler``, then the ``ltc`` command with ``CLI_ARGS``; every process saves its ranks, weights and
-  the files it wrote under ``OUT`` to ``RESULT.<rank>``.
+* ``ddp OUT RESULT CLI_ARGS [:: CLI_ARGS ...]``: under torchrun (gloo, CPU): ``ltc.api.compress`` of a DDP-wrapped
+  model with a ``DistributedSampler``, then each ``ltc`` command; every process saves its ranks, weights, the
+  batches of every epoch and the files it wrote under ``OUT`` to ``RESULT.<rank>``.
 """
 
 from __future__ import annotations
@@ -130,15 +130,18 @@ def _watch_writes(root: str) -> list[str]:
     return seen
 
 
-def run_ddp(out: str, result: str, cli_argv: list[str]) -> None:
+def run_ddp(out: str, result: str, cli_argvs: list[list[str]]) -> None:
     """Under torchrun: (1) ltc.api.compress of a DDP-wrapped model with a DistributedSampler (each process its
-    own half of the data) into OUT/api; (2) the ``ltc`` command (ltc.cli.main, as the console script runs it)
-    with ``cli_argv``, with ltc.api.compress observed to keep each process's result. Saves RESULT.<rank>."""
+    own half of the data) into OUT/api; (2) each ``ltc`` command (ltc.cli.main, as the console script runs it) in
+    ``cli_argvs``, with ltc.compress and ltc.train.fit observed to keep each process's results (ranks, weights,
+    the batches every epoch ran). Saves RESULT.<rank>."""
     import torch.distributed as dist
     from torch import nn
     from torch.utils.data import DistributedSampler
 
     import ltc.api
+    import ltc.pipelines
+    import ltc.train
     from ltc.cli import main as ltc_main
 
     dist.init_process_group("gloo")
@@ -154,19 +157,30 @@ def run_ddp(out: str, result: str, cli_argv: list[str]) -> None:
         res = ltc.api.compress(model, train, checkpoint_dir=Path(out) / "api", **kw)
         api = {"ranks": dict(res.ranks), "state": res.model.state_dict(), "first_batch": first_batch}
 
-        seen = {}
-        real = ltc.api.compress
+        seen: dict[str, object] = {}
+        fits: list[list[int]] = []
+        real_compress, real_fit = ltc.api.compress, ltc.train.fit
 
         def observed(*args, **kwargs):
-            seen["res"] = real(*args, **kwargs)
+            seen["res"] = real_compress(*args, **kwargs)
             return seen["res"]
 
-        ltc.api.compress = observed
-        rc = ltc_main(cli_argv)
-        cli = {"rc": rc}
-        if "res" in seen:
-            cli.update(ranks=dict(seen["res"].ranks), state=seen["res"].model.state_dict())
-        torch.save({"world": dist.get_world_size(), "api": api, "cli": cli, "writes": list(writes)},
+        def observed_fit(*args, **kwargs):
+            hist = real_fit(*args, **kwargs)
+            fits.append([int(row["batches"]) for row in hist])
+            return hist
+
+        ltc.pipelines.compress, ltc.train.fit, ltc.api.fit = observed, observed_fit, observed_fit
+        clis = []
+        for argv in cli_argvs:
+            seen.clear()
+            fits.clear()
+            rc = ltc_main(argv)
+            cli = {"rc": rc, "batches": [list(f) for f in fits]}
+            if "res" in seen:
+                cli.update(ranks=dict(seen["res"].ranks), state=seen["res"].model.state_dict())
+            clis.append(cli)
+        torch.save({"world": dist.get_world_size(), "api": api, "cli": clis, "writes": list(writes)},
                    f"{result}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -179,8 +193,15 @@ def main(argv: list[str]) -> None:
         run_compress(argv[1], argv[2], "--resume" in argv[3:])
     elif mode == "hang-write":
         run_hang_write(argv[1])
-    elif mode == "ddp":
-        run_ddp(argv[1], argv[2], argv[3:])
+    elif mode == "ddp":  # commands separated by "::"
+        cmds, cur = [], []
+        for a in argv[3:]:
+            if a == "::":
+                cmds.append(cur)
+                cur = []
+            else:
+                cur.append(a)
+        run_ddp(argv[1], argv[2], [*cmds, cur] if cur else cmds)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

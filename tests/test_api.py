@@ -1,10 +1,14 @@
-"""Tests for ``ltc.compress`` (``ltc.api``): end to end for every method on a tiny synthetic dataset, the
-equal epoch budget, the Result's consistency, bit-identical resume after an interruption, and early errors."""
+"""Tests for ``ltc.compress`` (``ltc.api``): end to end for every low-rank method on a tiny synthetic dataset, the
+explicit epoch budget (``CompressConfig.plan()`` and what a run spends), BatchNorm re-estimation after deployment,
+bit-identical resume after an interruption inside a phase, and early errors.
+
+(Resuming across the LC -> fine-tuning boundary is covered in tests/test_reliability.py.)"""
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 
 import pytest
@@ -14,17 +18,22 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import ltc
 import ltc.api
+import ltc.cli
+import ltc.train
 from ltc import models
-from ltc.api import CHECKPOINT_NAME, CompressConfig, Result, compress
+from ltc.api import CHECKPOINT_NAME, CompressConfig, EpochPlan, Result, compress
+from ltc.batchnorm import recalibrate_batchnorm
 from ltc.layers import LowRankLinear, MatrixLowRankConv2d, Tucker2Conv2d
+from ltc.methods import get_method
+from ltc.train import evaluate, fit, read_checkpoint
 
 
 # --------------------------------------------------------------------------------------------- data, model
 def make_data(n: int = 64, seed: int = 0) -> TensorDataset:
-    """Four classes of 1x16x16 images: a class prototype plus noise."""
+    """Four classes of 1x16x16 images: a class prototype (the same for every split) plus noise."""
+    proto = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % 4
-    proto = torch.randn(4, 1, 16, 16, generator=g)
     return TensorDataset(proto[y] + 0.5 * torch.randn(n, 1, 16, 16, generator=g), y)
 
 
@@ -42,13 +51,23 @@ def base_model(seed: int = 0) -> nn.Module:
     return models.create("small_cnn", num_classes=4, in_channels=1, width=0.25)
 
 
+@pytest.fixture(scope="module")
+def trained_base() -> nn.Module:
+    """A base network trained a little, so that its BatchNorm statistics mean something."""
+    model = base_model()
+    fit(model, DataLoader(TRAIN, batch_size=16, shuffle=True, generator=torch.Generator()), epochs=3,
+        opt_cfg={"lr": 0.05}, progress=False, seed=0)
+    return model.eval()
+
+
 class Interrupt(Exception):
     """Stands in for a crash / Ctrl-C in the middle of a run."""
 
 
 def counting(monkeypatch, fail_after: int | None = None) -> list[int]:
-    """Wrap ``ltc.api.train_one_epoch``: count the calls; raise :class:`Interrupt` on call ``fail_after + 1``."""
-    real = ltc.api.train_one_epoch
+    """Wrap the epoch of the one training loop (``ltc.train.train_one_epoch``, which ``fit`` calls): count the
+    calls; raise :class:`Interrupt` on call ``fail_after + 1``."""
+    real = ltc.train.train_one_epoch
     calls = [0]
 
     def wrapped(*args, **kwargs):
@@ -57,7 +76,7 @@ def counting(monkeypatch, fail_after: int | None = None) -> list[int]:
         calls[0] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ltc.api, "train_one_epoch", wrapped)
+    monkeypatch.setattr(ltc.train, "train_one_epoch", wrapped)
     return calls
 
 
@@ -66,6 +85,11 @@ def assert_same_state(a: nn.Module, b: nn.Module) -> None:
     assert list(sa) == list(sb)
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
+
+
+def bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{n}.{k}": v.clone() for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)
+            for k, v in m.state_dict().items() if k in ("running_mean", "running_var")}
 
 
 def jr(r):
@@ -93,19 +117,17 @@ def test_compress_end_to_end(method, kw, monkeypatch):
     train, val = loaders()
     calls = counting(monkeypatch)
     res = compress(model, train, val_loader=val, method=method, steps=STEPS, epochs_per_step=EPS,
-                   finetune_epochs=FT, progress=False, seed=3, **kw)
+                   finetune_epochs=FT, skip_converged=False, progress=False, seed=3, **kw)
     assert isinstance(res, Result) and res.method == method
 
     # the input model is untouched
     assert_same_state(model, before)
     assert [type(m) for m in model.modules()] == [type(m) for m in before.modules()]
 
-    # profiles: base is the input model, compressed is the returned model; SR/CR are their ratios
+    # profiles: base is the input model, compressed is the returned model
     base, comp = ltc.profile(model, X1), ltc.profile(res.model, X1)
     assert (res.base.macs, res.base.params) == (base.macs, base.params)
     assert (res.compressed.macs, res.compressed.params) == (comp.macs, comp.params)
-    assert res.sr == res.base.macs / res.compressed.macs
-    assert res.cr == res.base.params / res.compressed.params
     if "target_sr" in kw:
         assert res.sr >= kw["target_sr"]
     assert res.compressed.macs < res.base.macs
@@ -132,56 +154,157 @@ def test_compress_end_to_end(method, kw, monkeypatch):
         else:
             assert isinstance(m, MatrixLowRankConv2d) and m.rank == r
             assert res.full_ranks[name] == min(t, s * kh * kw_)
+        if method == "uniform":
+            assert r == (math.ceil(0.4 * s), math.ceil(0.4 * t))
     if method == "lrc":
         assert all(r is None or isinstance(r, int) for r in res.ranks.values())
     if not kw.get("compress_linear"):
         assert type(mods["classifier"]) is nn.Linear
-    if method == "uniform":
-        assert res.ranks["features.3"] == (4, 7)  # ceil(0.4 * 8), ceil(0.4 * 16)
 
-    # the same epoch budget for every method, all of it in fine-tuning for the one-shot ones
-    phases = [row["phase"] for row in res.log]
+    # the epoch budget: LC steps for the learning methods, then fine-tuning; nothing silently added
     learns = method in ("ltc", "lrc")
-    assert phases.count("lc") == (STEPS * EPS if learns else 0)
-    assert phases.count("finetune") == (FT if learns else FT + STEPS * EPS)
-    assert len(phases) == calls[0] == STEPS * EPS + FT
-    assert [row["epoch"] for row in res.log] == list(range(1, len(phases) + 1))
+    lc = STEPS * EPS if learns else 0
+    assert res.plan == {"lc_steps": STEPS if learns else 0, "epochs_per_step": EPS, "lc_epochs": lc,
+                        "finetune": FT, "total": lc + FT}
+    assert len(res.log) == calls[0] == res.plan["total"]
+    assert [row.get("phase") for row in res.log[:lc]] == ["lc"] * lc
+    assert all(row.get("phase") != "lc" for row in res.log[lc:])
     if learns:
-        assert len(res.history) == STEPS + 1  # the first C step at construction, then one per LC step
+        assert len(res.history) == STEPS + 1  # the first C step at start(), then one per LC step
+        assert [row["step"] for row in res.log[:lc]] == [h["step"] for h in res.history[1:]]
         assert res.history[-1]["ranks"] == {n: jr(r) for n, r in res.ranks.items()}
         assert res.history[-1]["macs"] == res.compressed.macs
 
     # accuracies are fractions; the record is JSON; the summary is the slides' table
     for acc in (res.base_acc, res.acc_before_finetune, res.acc):
         assert acc is not None and 0.0 <= acc <= 1.0
+    assert res.acc == pytest.approx(evaluate(res.model, val).acc)
     d = json.loads(json.dumps(res.to_dict()))
     assert d["method"] == method and d["sr"] == res.sr and d["compressed"]["macs"] == res.compressed.macs
     assert d["ranks"] == {n: jr(r) for n, r in res.ranks.items()}
+    assert d["plan"] == res.plan
     assert d["config"]["method"] == method and d["config"]["steps"] == STEPS
     summary = res.summary()
     assert "| model | MACs | SR | params | CR | acc (%) |" in summary
     assert f"| {method} |" in summary and f"{res.sr:.2f}" in summary
 
 
-def test_compress_config_object_and_overrides():
-    train, _ = loaders()
-    cfg = CompressConfig(method="uniform", steps=5, epochs_per_step=1, finetune_epochs=0)
-    res = compress(base_model(), train, config=cfg, steps=1, progress=False, example_input=X1)
-    assert res.config["steps"] == 1 and cfg.steps == 5
-    assert [row["phase"] for row in res.log] == ["finetune"]
-    assert res.base_acc is None and res.acc is None  # no val_loader
-
-
-def test_equal_budget_off_gives_one_shot_methods_only_their_finetuning(monkeypatch):
+def test_compress_config_object_and_overrides(monkeypatch):
     train, _ = loaders()
     calls = counting(monkeypatch)
-    res = compress(base_model(), train, method="uniform", steps=3, epochs_per_step=2, finetune_epochs=1,
-                   equal_budget=False, progress=False)
-    assert calls[0] == 1 and [row["phase"] for row in res.log] == ["finetune"]
+    cfg = CompressConfig(method="uniform", epochs=3)
+    res = compress(base_model(), train, config=cfg, epochs=1, progress=False, example_input=X1)
+    assert res.config["epochs"] == 1 and cfg.epochs == 3  # kwargs override, the config object is not changed
+    assert calls[0] == len(res.log) == 1
+    assert res.base_acc is None and res.acc is None and res.acc_before_finetune is None  # no val_loader
+
+
+# --------------------------------------------------------------------------------------------- epoch budget
+@pytest.mark.parametrize(
+    "kw, plan",
+    [
+        ({"method": "oneshot", "target_sr": 2, "epochs": 10}, EpochPlan(0, 1, 10)),
+        ({"method": "uniform", "steps": 4, "epochs": 7}, EpochPlan(0, 1, 7)),  # steps mean nothing to it
+        ({"method": "ltc", "target_sr": 2, "steps": 4, "epochs": 10}, EpochPlan(4, 1, 6)),
+        ({"method": "lrc", "target_sr": 2, "steps": 3, "epochs_per_step": 2, "epochs": 6}, EpochPlan(3, 2, 0)),
+        ({"method": "ltc", "target_sr": 2, "steps": 4, "epochs": 10, "finetune_epochs": 6}, EpochPlan(4, 1, 6)),
+        ({"method": "ltc", "target_sr": 2, "steps": 4, "finetune_epochs": 2}, EpochPlan(4, 1, 2)),
+        ({"method": "vbmf"}, EpochPlan(0, 1, 5)),  # neither given: 5 fine-tuning epochs
+    ],
+)
+def test_the_epoch_budget_is_explicit(kw, plan):
+    got = CompressConfig(**kw).plan()
+    assert got == plan
+    if "epochs" in kw:
+        assert got.total == kw["epochs"]
+
+
+def test_inconsistent_epoch_budgets_are_refused():
+    with pytest.raises(ValueError) as info:
+        CompressConfig(method="ltc", target_sr=2, steps=4, epochs=10, finetune_epochs=5)
+    assert "finetune_epochs=5" in str(info.value) and "epochs=10" in str(info.value)
+    with pytest.raises(ValueError) as info:
+        CompressConfig(method="oneshot", target_sr=2, epochs=10, finetune_epochs=3)
+    assert "finetune_epochs=3" in str(info.value) and "epochs=10" in str(info.value)
+    with pytest.raises(ValueError, match=re.escape("epochs=6 is less than the LC steps' 8 (steps=4 x "
+                                                   "epochs_per_step=2)")):
+        CompressConfig(method="ltc", target_sr=2, steps=4, epochs_per_step=2, epochs=6)
+
+
+@pytest.mark.parametrize("method", ["vbmf", "uniform"])
+def test_lam_for_an_assignment_method_is_refused_with_the_clis_message(method, tmp_path, monkeypatch, capsys):
+    with pytest.raises(ValueError) as info:
+        CompressConfig(method=method, lam=0.1)
+    msg = str(info.value)
+    assert msg.startswith(f"method {method!r} picks its ranks without λ; drop lam")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert ltc.cli.main(["compress", "--method", method, "--lam", "0.1"]) == 2
+    assert capsys.readouterr().err.strip() == f"ltc: error: compress: {msg}"
+
+
+@pytest.mark.parametrize(
+    "method, kw",
+    [
+        ("uniform", {"epochs": 3}),
+        ("oneshot", {"target_sr": 2.0, "epochs": 2}),
+        ("ltc", {"target_sr": 2.0, "steps": 2, "epochs": 3, "skip_converged": False}),
+    ],
+)
+def test_compress_spends_exactly_the_planned_epochs(method, kw, monkeypatch):
+    train, val = loaders()
+    calls = counting(monkeypatch)
+    res = compress(base_model(), train, val_loader=val, method=method, progress=False, **kw)
+    plan = CompressConfig(method=method, **kw).plan()
+    assert res.plan == {"lc_steps": plan.lc_steps, "epochs_per_step": plan.epochs_per_step,
+                        "lc_epochs": plan.lc_epochs, "finetune": plan.finetune, "total": plan.total}
+    assert len(res.log) == calls[0] == res.plan["total"] == kw["epochs"]
+    assert sum(row.get("phase") == "lc" for row in res.log) == plan.lc_epochs
+
+
+def test_converged_lc_steps_hand_their_epochs_to_fine_tuning(monkeypatch):
+    train, _ = loaders()
+    calls = counting(monkeypatch)
+    # tol huge: converged as soon as a C step changes no rank
+    res = compress(base_model(), train, method="ltc", target_sr=2.0, steps=4, epochs=5, tol=1e9, progress=False)
+    assert res.plan["lc_epochs"] < 4  # stopped early
+    assert res.plan["finetune"] == 5 - res.plan["lc_epochs"] and res.plan["total"] == 5
+    assert len(res.log) == calls[0] == 5
+    assert sum(row.get("phase") == "lc" for row in res.log) == res.plan["lc_epochs"]
+
+
+# --------------------------------------------------------------------------------------------- BatchNorm
+@pytest.mark.parametrize("batches", [None, 1])
+def test_batchnorm_is_reestimated_after_deployment(trained_base, batches):
+    train, val = loaders()
+    calib = DataLoader(TRAIN, batch_size=16)
+    kw = dict(method="uniform", method_options={"fraction": 0.3}, finetune_epochs=0, bn_batches=batches,
+              calibration_loader=calib, val_loader=val, progress=False)
+    on = compress(trained_base, train, recalibrate_bn=True, **kw)
+    off = compress(trained_base, train, recalibrate_bn=False, **kw)
+
+    # the same deployment, built here independently, then re-estimated by hand
+    cfg = CompressConfig(method="uniform", method_options={"fraction": 0.3})
+    engine = get_method("uniform").build(copy.deepcopy(trained_base), X1, calibration=calib, **cfg.engine_kwargs())
+    engine.start()
+    plain = engine.compressed_model()
+    fresh = recalibrate_batchnorm(copy.deepcopy(plain), calib, batches)
+
+    want_on, want_off, got_on, got_off = bn_buffers(fresh), bn_buffers(plain), bn_buffers(on.model), \
+        bn_buffers(off.model)
+    assert want_on and list(got_on) == list(want_on) and list(got_off) == list(want_off)
+    for k in want_on:
+        torch.testing.assert_close(got_on[k], want_on[k], rtol=1e-6, atol=1e-7)
+        assert torch.equal(got_off[k], want_off[k]), k  # recalibrate_bn=False keeps the dense statistics
+    assert any(not torch.equal(want_on[k], want_off[k]) for k in want_on)
+    assert on.acc_before_finetune == evaluate(fresh, val).acc
+    assert off.acc_before_finetune == evaluate(plain, val).acc
+    assert on.acc_before_finetune != off.acc_before_finetune
+    assert (on.acc, off.acc) == (on.acc_before_finetune, off.acc_before_finetune)  # no fine-tuning epoch
 
 
 # --------------------------------------------------------------------------------------------- resume
-RESUME_KW = dict(steps=2, epochs_per_step=1, finetune_epochs=2, seed=7, progress=False)
+RESUME_KW = dict(steps=2, epochs_per_step=1, finetune_epochs=2, skip_converged=False, seed=7, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -196,30 +319,30 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "method, kw, fail_after, phase",
+    "method, kw, fail_after, stage, epoch",
     [
-        ("ltc", {"target_sr": 2.0}, 1, "lc"),  # dies in the 2nd L step
-        ("ltc", {"target_sr": 2.0}, 3, "finetune"),  # dies in the 2nd fine-tuning epoch
-        ("uniform", {}, 2, "finetune"),  # a one-shot method, in its 3rd fine-tuning epoch
+        ("ltc", {"target_sr": 2.0}, 1, "lc", 1),  # dies in the 2nd L step
+        ("ltc", {"target_sr": 2.0}, 3, "finetune", 1),  # dies in the 2nd fine-tuning epoch
+        ("uniform", {}, 1, "finetune", 1),  # a one-shot method, in its 2nd fine-tuning epoch
     ],
 )
-def test_resume_is_bit_identical(uninterrupted, tmp_path, monkeypatch, method, kw, fail_after, phase):
+def test_resume_inside_a_phase_is_bit_identical(uninterrupted, tmp_path, monkeypatch, method, kw, fail_after,
+                                                stage, epoch):
     ref = uninterrupted[method]
     train, val = loaders()
     counting(monkeypatch, fail_after=fail_after)
     with pytest.raises(Interrupt):
         compress(base_model(), train, val_loader=val, method=method, checkpoint_dir=tmp_path, **kw, **RESUME_KW)
-    ckpt = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
-    assert ckpt["phase"] == phase and ckpt["epoch_counter"] == fail_after
+    ckpt = read_checkpoint(tmp_path / CHECKPOINT_NAME, writer="ltc.compress")
+    assert (ckpt["stage"], ckpt["epoch"]) == (stage, epoch)
     monkeypatch.undo()
 
     calls = counting(monkeypatch)
     train, val = loaders()  # a fresh process would build fresh loaders
     res = compress(base_model(), train, val_loader=val, method=method, checkpoint_dir=tmp_path, resume=True,
                    **kw, **RESUME_KW)
-    total = RESUME_KW["steps"] * RESUME_KW["epochs_per_step"] + RESUME_KW["finetune_epochs"]
-    assert calls[0] == total - fail_after  # nothing done twice
-    assert res.ranks == ref.ranks
+    assert calls[0] == ref.plan["total"] - fail_after  # nothing done twice
+    assert res.ranks == ref.ranks and res.plan == ref.plan
     assert_same_state(res.model, ref.model)
     assert [type(m) for m in res.model.modules()] == [type(m) for m in ref.model.modules()]
     strip = [{k: v for k, v in row.items() if k != "seconds"} for row in res.log]
@@ -230,25 +353,27 @@ def test_resume_is_bit_identical(uninterrupted, tmp_path, monkeypatch, method, k
     assert (res.compressed.macs, res.compressed.params) == (ref.compressed.macs, ref.compressed.params)
 
 
-def test_resume_without_checkpoint_names_the_path(tmp_path, monkeypatch):
+def test_resume_without_a_checkpoint_starts_afresh_and_without_a_dir_is_refused(tmp_path, monkeypatch):
     train, _ = loaders()
     calls = counting(monkeypatch)
-    where = tmp_path / "nothing-here"
-    with pytest.raises(FileNotFoundError, match=re.escape(str(where / CHECKPOINT_NAME))):
-        compress(base_model(), train, method="ltc", target_sr=2.0, checkpoint_dir=where, resume=True,
-                 progress=False)
-    with pytest.raises(ValueError, match="checkpoint_dir"):
-        compress(base_model(), train, method="ltc", target_sr=2.0, resume=True, progress=False)
+    with pytest.raises(ValueError, match="resume=True needs checkpoint_dir"):
+        compress(base_model(), train, method="uniform", resume=True, progress=False)
     assert calls[0] == 0
+    # like fit: a run killed before its first checkpoint is resumed by starting it
+    where = tmp_path / "nothing-here"
+    kw = dict(method="uniform", epochs=2, seed=1, progress=False)
+    res = compress(base_model(), train, checkpoint_dir=where, resume=True, **kw)
+    assert calls[0] == 2 and read_checkpoint(where / CHECKPOINT_NAME)["epoch"] == 2
+    assert_same_state(res.model, compress(base_model(), loaders()[0], **kw).model)
 
 
 def test_resume_from_another_methods_checkpoint_is_refused(tmp_path, monkeypatch):
     train, _ = loaders()
     compress(base_model(), train, method="ltc", target_sr=2.0, steps=1, finetune_epochs=0, checkpoint_dir=tmp_path,
              progress=False)
-    assert (tmp_path / CHECKPOINT_NAME).is_file()
+    assert read_checkpoint(tmp_path / CHECKPOINT_NAME)["writer"] == "ltc.compress"
     calls = counting(monkeypatch)
-    with pytest.raises(ValueError, match="'ltc'"):
+    with pytest.raises(ValueError, match=re.escape("method: 'ltc' -> 'lrc'")):
         compress(base_model(), train, method="lrc", target_sr=2.0, steps=1, finetune_epochs=0,
                  checkpoint_dir=tmp_path, resume=True, progress=False)
     assert calls[0] == 0
@@ -258,32 +383,39 @@ def test_resume_from_another_methods_checkpoint_is_refused(tmp_path, monkeypatch
 @pytest.mark.parametrize(
     "kw, match",
     [
-        ({"steps": -1}, "steps"),
-        ({"epochs_per_step": -2}, "epochs_per_step"),
-        ({"finetune_epochs": 1.5}, "finetune_epochs"),
-        ({"lr": 0.0}, "lr"),
-        ({"lr": -0.1}, "lr"),
-        ({"finetune_lr": 0}, "finetune_lr"),
-        ({"lr": float("nan")}, "lr"),
-        ({"lr_decay": 0.0}, "lr_decay"),
+        ({"steps": -1}, "steps must be an int >= 1, got -1"),
+        ({"epochs_per_step": -2}, "epochs_per_step must be an int >= 1, got -2"),
+        ({"finetune_epochs": 1.5}, "finetune_epochs must be an int >= 0, got 1.5"),
+        ({"epochs": -3}, "epochs must be an int >= 0, got -3"),
+        ({"lr": 0.0}, "lr must be a finite number > 0, got 0.0"),
+        ({"lr": -0.1}, "lr must be a finite number > 0, got -0.1"),
+        ({"finetune_lr": 0}, "finetune_lr must be a finite number > 0, got 0"),
+        ({"lr": float("nan")}, "lr must be a finite number > 0, got nan"),
+        ({"lr_decay": 0.0}, "lr_decay must lie in (0, 1], got 0.0"),
+        ({"target_sr": 0.5}, "target_sr must be a finite number >= 1 (a speed-up), got 0.5"),
+        ({"mu_growth": 0.5}, "mu_growth must be a finite number >= 1 (μ increases), got 0.5"),
+        ({"min_rank": 0}, "min_rank must be an int >= 1, got 0"),
+        ({"cost": "x"}, "cost must be one of 'macs', 'params', 'latency', got 'x'"),
+        ({"kd_weight": 1.5}, "kd_weight must lie in [0, 1], got 1.5"),
+        ({"kd_temperature": 0}, "kd_temperature must be a finite number > 0, got 0"),
         ({"method": "ltcc"}, "Did you mean 'ltc'"),
-        ({"method": "nope"}, "unknown method"),
+        ({"method": "nope"}, "unknown method 'nope'"),
     ],
 )
 def test_config_errors_come_before_any_training(kw, match, monkeypatch):
-    with pytest.raises(ValueError, match=match):
-        CompressConfig(**kw)
+    with pytest.raises(ValueError, match=re.escape(match)):
+        CompressConfig(**{"target_sr": 2.0, **kw})
 
     def boom(*args, **kwargs):
         raise AssertionError("trained or evaluated before validating the config")
 
-    monkeypatch.setattr(ltc.api, "train_one_epoch", boom)
+    monkeypatch.setattr(ltc.train, "train_one_epoch", boom)
     monkeypatch.setattr(ltc.api, "evaluate", boom)
     train, val = loaders()
     args = {"method": "ltc", "target_sr": 2.0, **kw}
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=re.escape(match)):
         compress(base_model(), train, val_loader=val, progress=False, **args)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=re.escape(match)):
         compress(base_model(), train, val_loader=val, config=CompressConfig(target_sr=2.0), progress=False, **kw)
 
 
@@ -296,6 +428,8 @@ def test_engine_argument_errors_come_before_any_training(monkeypatch):
         compress(base_model(), train, method="oneshot", progress=False)
     with pytest.raises(ValueError, match="fraction"):
         compress(base_model(), train, method="uniform", method_options={"fraction": 0.0}, progress=False)
+    with pytest.raises(ValueError, match=re.escape("method 'vbmf' takes only the options 'weaken', not ['x']")):
+        compress(base_model(), train, method="vbmf", method_options={"x": 1}, progress=False)
     with pytest.raises(TypeError):
         compress(base_model(), train, method="uniform", not_a_field=1, progress=False)
     assert calls[0] == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import importlib.util
 import json
 import subprocess
 import sys
@@ -12,9 +14,14 @@ import torch
 import yaml
 from torch import nn
 
+import ltc
 from ltc import config as cfgmod
 from ltc.cli import main
+from ltc.cost import profile
 from ltc.latency import compare_latency, measure_latency
+from ltc.methods.prune import INSTALL_HINT
+from ltc.results import RunResult
+from ltc.train import read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
@@ -25,6 +32,24 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
     code = main(argv)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def library_error(**config: object) -> str:
+    """The message ``ltc.CompressConfig(**config)`` refuses ``config`` with."""
+    with pytest.raises(ValueError) as info:
+        ltc.CompressConfig(**config)
+    return str(info.value)
+
+
+def log_rows(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "log.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def same_weights(a: torch.nn.Module | dict[str, torch.Tensor], b: torch.nn.Module) -> bool:
+    sa = a if isinstance(a, dict) else a.state_dict()
+    sb = b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 # ------------------------------------------------------------------------------------------------ profile
@@ -171,13 +196,15 @@ def test_python_dash_m_help() -> None:
 # ------------------------------------------------------------------------------------------- end to end
 
 
+BASE_ARGS = ["--model", "small_cnn", "--width", "0.25", "--data", "digits", "--epochs", "2", "--batch-size", "64",
+             "--lr", "0.05", *QUIET]
+
+
 @pytest.fixture(scope="module")
 def runs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny base run and an LTC compression of it, on the bundled digits (a few seconds on a CPU)."""
     d = tmp_path_factory.mktemp("runs")
-    base = ["train", "--model", "small_cnn", "--width", "0.25", "--data", "digits", "--epochs", "2",
-            "--batch-size", "64", "--lr", "0.05", "--out", str(d / "base"), *QUIET]
-    assert main(base) == 0
+    assert main(["train", *BASE_ARGS, "--out", str(d / "base")]) == 0
     comp = ["compress", "--base", str(d / "base"), "--target-sr", "2", "--steps", "2", "--finetune-epochs", "1",
             "--batch-size", "64", "--out", str(d / "ltc"), *QUIET]
     assert main(comp) == 0
@@ -188,40 +215,94 @@ def test_train_writes_a_run(runs_dir: Path) -> None:
     base = runs_dir / "base"
     for f in ("model.pt", "result.json", "log.csv", "checkpoint.pt", "run.json", "config.yaml"):
         assert (base / f).is_file(), f
-    res = json.loads((base / "result.json").read_text())
-    assert res["kind"] == "train" and res["model"] == "small_cnn" and res["dataset"] == "digits"
-    assert 0.0 <= res["acc"] <= 1.0 and res["macs"] > 0 and res["params"] > 0
-    assert res["data"]["image_size"] == 16 and res["data"]["channels"] == 1
-    assert len((base / "log.csv").read_text().strip().splitlines()) == 3  # header + 2 epochs
+    res = RunResult.read(base / "result.json")
+    assert res.kind == "train" and res.model == "small_cnn" and res.dataset == "digits" and res.epochs == 2
+    assert res.data["image_size"] == 16 and res.data["channels"] == 1
+    model = ltc.load(base / "model.pt")
+    prof = profile(model, torch.zeros(1, 1, 16, 16))
+    assert (res.macs, res.params) == (prof.macs, prof.params)  # the saved model's own profile
+    rows = log_rows(base)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert res.acc == pytest.approx(float(rows[-1]["val_acc"]))  # the last epoch's validation accuracy
+    assert len(res.history) == 2
+    ckpt = read_checkpoint(base / "checkpoint.pt", writer="ltc.fit")
+    assert (ckpt["stage"], ckpt["epoch"], ckpt["epochs"]) == ("train", 2, 2)
+    assert same_weights(ckpt["model"], model)  # the model file holds the last checkpoint's weights
+    with pytest.raises(ValueError, match="not by ltc compress"):
+        read_checkpoint(base / "checkpoint.pt", writer="ltc.compress")
 
 
 def test_train_refuses_to_clobber_and_resumes(runs_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["train", "--model", "small_cnn", "--width", "0.25", "--data", "digits", "--epochs", "2",
-            "--out", str(runs_dir / "base"), *QUIET]
+    base = runs_dir / "base"
+    argv = ["train", *BASE_ARGS, "--out", str(base)]
     code, _, err = run(argv, capsys)
     assert code == 2 and "--resume" in err
-    before = (runs_dir / "base" / "model.pt").stat().st_mtime_ns
+    before = ltc.load(base / "model.pt")
+    log_before, acc_before = (base / "log.csv").read_text(), RunResult.read(base / "result.json").acc
     code, out, _ = run([*argv, "--resume"], capsys)  # all epochs done: nothing to train, same result
     assert code == 0 and "val acc" in out
-    assert (runs_dir / "base" / "model.pt").stat().st_mtime_ns >= before
+    assert same_weights(before, ltc.load(base / "model.pt"))
+    assert (base / "log.csv").read_text() == log_before  # no epoch was trained again
+    assert RunResult.read(base / "result.json").acc == acc_before
+
+
+def test_interrupted_train_resumes_to_the_same_model(runs_dir: Path, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import ltc.train
+
+    out = runs_dir / "interrupted"
+    argv = ["train", *BASE_ARGS, "--out", str(out)]
+    real = ltc.train.prepare_loader_epoch
+
+    def stop_at_second_epoch(loader: object, epoch: int, seed: object) -> None:
+        if epoch == 1:
+            raise KeyboardInterrupt
+        real(loader, epoch, seed)
+
+    monkeypatch.setattr(ltc.train, "prepare_loader_epoch", stop_at_second_epoch)
+    code, _, err = run(argv, capsys)
+    assert code == 130 and "--resume" in err
+    assert read_checkpoint(out / "checkpoint.pt")["epoch"] == 1 and not (out / "model.pt").exists()
+    monkeypatch.setattr(ltc.train, "prepare_loader_epoch", real)
+    assert run(argv, capsys)[0] == 2  # a started run is not overwritten silently
+    code, _, _ = run([*argv, "--resume"], capsys)
+    assert code == 0
+    # the same seed and settings as the uninterrupted base run: the very same weights and log
+    assert same_weights(ltc.load(runs_dir / "base" / "model.pt"), ltc.load(out / "model.pt"))
+    drop = ("seconds",)
+    rows = [{k: v for k, v in r.items() if k not in drop} for r in log_rows(out)]
+    assert rows == [{k: v for k, v in r.items() if k not in drop} for r in log_rows(runs_dir / "base")]
 
 
 def test_compress_writes_a_run(runs_dir: Path) -> None:
     out = runs_dir / "ltc"
-    for f in ("model.pt", "result.json", "log.csv", "compress.pt", "ranks.png", "ranks.pdf", "trajectories.png"):
+    for f in ("model.pt", "result.json", "log.csv", "checkpoint.pt", "ranks.png", "ranks.pdf", "trajectories.png"):
         assert (out / f).is_file(), f
-    res = json.loads((out / "result.json").read_text())
-    assert res["kind"] == "compress" and res["method"] == "ltc" and res["model"] == "small_cnn"
-    assert res["dataset"] == "digits" and res["label"] == "ltc_sr2"
-    assert res["sr"] == pytest.approx(2.0, rel=0.05)
-    lat = res["latency"]["batch1"]
-    assert lat["threads"] == 2 and lat["batch"] == 1 and lat["base_ms"] > 0 and lat["compressed_ms"] > 0
-    assert lat["speedup"] == pytest.approx(lat["base_ms"] / lat["compressed_ms"])
-    from ltc import io
-
-    model = io.load(out / "model.pt")
+    assert not (out / "compress.pt").exists()  # one checkpoint format: checkpoint.pt
+    res = RunResult.read(out / "result.json")
+    base = RunResult.read(runs_dir / "base" / "result.json")
+    assert res.kind == "compress" and res.method == "ltc" and res.model == "small_cnn"
+    assert res.dataset == "digits" and res.label == "ltc_sr2" and res.base_run == str(runs_dir / "base")
+    assert res.sr == pytest.approx(2.0, rel=0.05)
+    # the record agrees with the files: base profile and accuracy from the base run, compressed from model.pt
+    assert (res.base["macs"], res.base["params"]) == (base.macs, base.params)
+    assert res.base["acc"] == pytest.approx(base.acc)  # the same model on the same validation split
+    model = ltc.load(out / "model.pt")
+    prof = profile(model, torch.zeros(1, 1, 16, 16))
+    assert (res.compressed["macs"], res.compressed["params"]) == (prof.macs, prof.params)
     assert model(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
-    assert any(type(m).__name__ == "Tucker2Conv2d" for m in model.modules())
+    tucker = {n: m for n, m in model.named_modules() if type(m).__name__ == "Tucker2Conv2d"}
+    assert tucker and set(tucker) == {n for n, r in res.ranks.items() if r is not None}
+    # the epoch plan: 2 LC steps of 1 epoch, then 1 fine-tuning epoch; log.csv has one row per epoch
+    assert res.plan["lc_steps"] == 2 and res.plan["finetune"] + res.plan["lc_epochs"] == res.plan["total"] == 3
+    rows = log_rows(out)
+    assert len(rows) == len(res.log) == 3
+    assert sum(r["phase"] == "lc" for r in rows) == res.plan["lc_epochs"]
+    ckpt = read_checkpoint(out / "checkpoint.pt", writer="ltc.compress")
+    assert ckpt["stage"] == "finetune" and ckpt["epoch"] == ckpt["epochs"] == res.plan["finetune"]
+    assert same_weights(ckpt["model"], model)
+    lat = res.latency["batch1"]
+    assert lat["threads"] == 2 and lat["batch"] == 1 and lat["base_ms"] > 0 and lat["compressed_ms"] > 0
 
 
 def test_eval_any_checkpoint(runs_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -245,8 +326,100 @@ def test_layers_glob_matching_nothing(runs_dir: Path, capsys: pytest.CaptureFixt
 
 
 def test_compress_needs_lam_or_target(runs_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run(["compress", "--base", str(runs_dir / "base"), "--out", str(runs_dir / "x"), *QUIET], capsys)
-    assert code == 2 and "--lam" in err and "--target-sr" in err
+    out = runs_dir / "x"
+    code, _, err = run(["compress", "--base", str(runs_dir / "base"), "--out", str(out), *QUIET], capsys)
+    assert code == 2 and err == f"ltc: error: {library_error(method='ltc')}\n"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("flags", "config"), [
+    (["--method", "vbmf", "--lam", "5"], {"method": "vbmf", "lam": 5.0}),
+    (["--method", "prune", "--lam", "5"], {"method": "prune", "lam": 5.0}),
+    (["--lam", "1", "--kd-weight", "1.5"], {"lam": 1.0, "kd_weight": 1.5}),
+    (["--lam", "1", "--rank-multiple", "0"], {"lam": 1.0, "rank_multiple": 0}),
+    (["--target-sr", "0.5"], {"target_sr": 0.5}),
+    (["--method", "oneshot", "--lam", "1", "--epochs", "3", "--finetune-epochs", "2"],
+     {"method": "oneshot", "lam": 1.0, "epochs": 3, "finetune_epochs": 2}),
+])
+def test_compress_refuses_what_compress_config_refuses(flags: list[str], config: dict[str, object], runs_dir: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    out = runs_dir / "refused"
+    code, _, err = run(["compress", "--base", str(runs_dir / "base"), *flags, "--out", str(out), *QUIET], capsys)
+    message = library_error(**config)
+    assert code == 2 and err.startswith("ltc: error:") and err.rstrip("\n").endswith(message), (err, message)
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_oneshot_epochs_is_the_fine_tuning_budget(runs_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = runs_dir / "oneshot3"
+    code, _, _ = run(["compress", "--base", str(runs_dir / "base"), "--method", "oneshot", "--lam", "5",
+                      "--epochs", "3", "--batch-size", "64", "--no-plots", "--out", str(out), *QUIET], capsys)
+    assert code == 0
+    res = RunResult.read(out / "result.json")
+    rows = log_rows(out)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]  # exactly the budget, no LC epochs, nothing added
+    assert res.plan["lc_epochs"] == 0 and res.plan["finetune"] == res.plan["total"] == 3
+    assert len(res.history) == 1 and res.w_theta_final is None  # the one C step, no learning
+    assert res.history[0]["ranks"] == res.ranks
+    assert read_checkpoint(out / "checkpoint.pt", writer="ltc.compress")["epochs"] == 3
+
+
+def test_new_compress_flags_reach_the_run(runs_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = runs_dir / "flags"
+    code, _, _ = run(["compress", "--base", str(runs_dir / "base"), "--method", "oneshot", "--lam", "2",
+                      "--epochs", "0", "--rank-multiple", "4", "--metric", "data", "--kd-weight", "0.5",
+                      "--kd-temperature", "2", "--no-plots", "--out", str(out), *QUIET], capsys)
+    assert code == 0
+    res = RunResult.read(out / "result.json")
+    cc = res.compress_config
+    assert (cc["rank_multiple"], cc["metric"], cc["kd_weight"], cc["kd_temperature"]) == (4, "data", 0.5, 2.0)
+    chosen = {n: r for n, r in res.ranks.items() if r is not None}
+    assert chosen
+    for name, ranks in chosen.items():  # each rank a multiple of 4 unless it is the full size of its axis
+        for r, full in zip(ranks, res.full_ranks[name], strict=True):
+            assert r % 4 == 0 or r == full, (name, ranks, res.full_ranks[name])
+    model = ltc.load(out / "model.pt")
+    for name, m in model.named_modules():
+        if type(m).__name__ == "Tucker2Conv2d":
+            assert list(m.ranks) == res.ranks[name]
+
+
+def test_prune_method(runs_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("torch_pruning")
+    out = runs_dir / "prune"
+    code, _, _ = run(["compress", "--base", str(runs_dir / "base"), "--method", "prune", "--target-sr", "2",
+                      "--epochs", "1", "--batch-size", "64", "--no-plots", "--out", str(out), *QUIET], capsys)
+    assert code == 0
+    res = RunResult.read(out / "result.json")
+    assert res.method == "prune" and 2.0 <= res.sr <= 2.0 * 1.03  # within the method's 3 % tolerance
+    model = ltc.load(out / "model.pt")
+    prof = profile(model, torch.zeros(1, 1, 16, 16))
+    assert (res.compressed["macs"], res.compressed["params"]) == (prof.macs, prof.params)
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "Tucker2Conv2d" not in kinds and "Conv2d" in kinds  # plain, narrower convs
+    base = ltc.load(runs_dir / "base" / "model.pt")
+    widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+    base_widths = [m.out_channels for m in base.modules() if isinstance(m, nn.Conv2d)]
+    assert len(widths) == len(base_widths) and all(w <= b for w, b in zip(widths, base_widths, strict=True))
+    assert sum(widths) < sum(base_widths)
+    assert len(log_rows(out)) == 1
+
+
+def test_prune_without_torch_pruning(runs_dir: Path, capsys: pytest.CaptureFixture[str],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+
+    def find_spec(name: str, *args: object, **kwargs: object) -> object:
+        return None if name.split(".")[0] == "torch_pruning" else real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    out = runs_dir / "prune_missing"
+    code, _, err = run(["compress", "--base", str(runs_dir / "base"), "--method", "prune", "--target-sr", "2",
+                        "--out", str(out), *QUIET], capsys)
+    assert code == 2 and err.startswith("ltc: error:") and 'pip install -e ".[prune]"' in err and INSTALL_HINT in err
+    assert "Traceback" not in err and not out.exists()
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[prune\]"'):
+        ltc.CompressConfig(method="prune", target_sr=2.0)
 
 
 def test_layer_analysis_and_finetune(runs_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -254,12 +427,18 @@ def test_layer_analysis_and_finetune(runs_dir: Path, capsys: pytest.CaptureFixtu
                       "--layers", "features.3", "features.7", "--steps", "1", "--finetune-epochs", "0",
                       "--label", "Conv2-3", "--out", str(runs_dir / "layers_c23"), *QUIET], capsys)
     assert code == 0
-    res = json.loads((runs_dir / "layers_c23" / "result.json").read_text())
-    assert set(res["ranks"]) == {"features.3", "features.7"} and res["label"] == "Conv2-3"
+    res = RunResult.read(runs_dir / "layers_c23" / "result.json")
+    assert set(res.ranks) == {"features.3", "features.7"} and res.label == "Conv2-3"
+    assert log_rows(runs_dir / "layers_c23") == []  # no epochs asked for, none run
     code, out, _ = run(["finetune", "--run", str(runs_dir / "layers_c23"), "--epochs", "1", *QUIET], capsys)
     assert code == 0 and "val acc" in out
-    ft = json.loads((runs_dir / "layers_c23_ft" / "result.json").read_text())
-    assert ft["label"] == "Conv2-3 +ft1" and ft["finetune"]["epochs"] == 1
+    ft = RunResult.read(runs_dir / "layers_c23_ft" / "result.json")
+    assert ft.label == "Conv2-3 +ft1" and ft.finetune["epochs"] == 1
+    assert ft.finetune["acc_before"] == res.compressed["acc"]
+    assert ft.ranks == res.ranks and ft.compressed["macs"] == res.compressed["macs"]  # ranks stay fixed
+    before, after = (ltc.load(runs_dir / d / "model.pt") for d in ("layers_c23", "layers_c23_ft"))
+    assert not same_weights(before, after)  # trained
+    assert ft.compressed["acc"] == pytest.approx(ft.finetune["history"][-1]["val_acc"])
 
 
 def test_report_and_plot(runs_dir: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -327,7 +506,16 @@ def test_latency_measurement_restores_state() -> None:
     small = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten())
     res = compare_latency(net, small, torch.zeros(1, 3, 8, 8), threads=1, warmup=1, repeats=4)
     assert res["threads"] == 1 and res["batch"] == 1 and res["repeats"] == 4
-    assert res["speedup"] == pytest.approx(res["base_ms"] / res["compressed_ms"])
     assert "sr" not in res
+    assert net.training and torch.get_num_threads() == threads
     with pytest.raises(ValueError):
         measure_latency(net, torch.zeros(1, 3, 8, 8), repeats=0)
+
+
+def test_compare_latency_sees_a_much_cheaper_model() -> None:
+    # ~2000x fewer MACs (a 3->256 3x3 conv at 64x64 against a 3->1 1x1 conv at 8x8): measured faster, whatever
+    # the load on the machine (both models are timed interleaved)
+    big = nn.Sequential(nn.Conv2d(3, 256, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    tiny = nn.Sequential(nn.AvgPool2d(8), nn.Conv2d(3, 1, 1), nn.Flatten())
+    res = compare_latency(big, tiny, torch.zeros(1, 3, 64, 64), threads=1, warmup=2, repeats=15)
+    assert res["speedup"] > 2 and res["base_ms"] > res["compressed_ms"]

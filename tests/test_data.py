@@ -28,6 +28,7 @@ from ltc.data.transforms import (
     Resize,
     ToChannels,
     ToFloat,
+    default_padding,
     eval_transform,
     train_transform,
 )
@@ -282,14 +283,38 @@ def test_normalize_rejects_bad_input():
 @HSET
 @given(x=images(min_side=4), size=st.integers(4, 20), augment=st.booleans())
 def test_train_and_eval_transform_pipelines(x, size, augment):
-    t = train_transform(size, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25], channels=3, augment=augment)
+    mean, std = [0.5, 0.4, 0.3], [0.25, 0.2, 0.5]
+    t = train_transform(size, mean, std, channels=3, augment=augment)
+    assert isinstance(t, Compose)
+    assert ("RandomCrop" in repr(t)) == augment and ("RandomHorizontalFlip" in repr(t)) == augment
     y = t(x)
     assert y.shape == (3, size, size) and y.dtype == torch.float32
-    assert y.min() >= -2 - 1e-5 and y.max() <= 2 + 1e-5
-    e = eval_transform(size, [0.5], [0.25], channels=1)
-    assert torch.equal(e(x), e(x))
-    assert e(x).shape == (1, size, size)
-    assert isinstance(t, Compose) and "RandomCrop" in repr(t) if augment else "RandomCrop" not in repr(t)
+    # the documented pipeline, step by step: channels -> resize -> [0, 1] -> (v - mean) / std per channel
+    pixels = Resize(size)(ToChannels(3)(x)).double() / 255
+    expect = (pixels - torch.tensor(mean, dtype=torch.float64)[:, None, None]) / torch.tensor(std)[:, None, None]
+    e = eval_transform(size, mean, std, channels=3)
+    assert torch.allclose(e(x).double(), expect, atol=1e-5)
+    if not augment:  # without augmentation the train pipeline is the eval pipeline
+        assert torch.equal(y, e(x))
+    else:  # un-normalised, the output is a window of the zero-padded image, mirrored or not
+        m, sd = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+        back = ((y * sd + m) * 255).round().to(torch.uint8)
+        pad = default_padding(size)
+        padded = torch.zeros(3, size + 2 * pad, size + 2 * pad, dtype=torch.uint8)
+        padded[:, pad:pad + size, pad:pad + size] = Resize(size)(ToChannels(3)(x))
+        windows = [padded[:, i:i + size, j:j + size] for i in range(2 * pad + 1) for j in range(2 * pad + 1)]
+        assert any(torch.equal(w, back) or torch.equal(w.flip(-1), back) for w in windows)
+
+
+@HSET
+@given(x=images(), size=st.integers(1, 20))
+def test_eval_transform_of_a_square_image_is_plain_normalisation(x, size):
+    c = x.shape[0]
+    sq = Resize(size)(x)  # any square uint8 image of that size
+    mean, std = [0.1 * (k + 2) for k in range(c)], [0.2 + 0.05 * k for k in range(c)]
+    out = eval_transform(size, mean, std)(sq)
+    for k in range(c):  # no resampling, no augmentation: exactly (v / 255 - mean) / std
+        assert torch.allclose(out[k], (sq[k].float() / 255 - mean[k]) / std[k], atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -399,6 +424,89 @@ def test_loaders_are_seeded():
     assert not torch.equal(first[0][1], other[1])
     train, val = D.loaders(b, batch_size=len(b.train) - 1)  # remainder 1 -> dropped (BatchNorm)
     assert len(train) == 1 and val is not None and len(val.dataset) == len(b.val)
+
+
+def _epochs(loader, n: int = 2, seed: int = 5) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """``n`` passes over ``loader``; the global RNG (augmentation) is reseeded first."""
+    torch.manual_seed(seed)
+    return [list(loader) for _ in range(n)]
+
+
+def _same_batches(a, b) -> bool:
+    return len(a) == len(b) and all(
+        len(ea) == len(eb) and all(torch.equal(xa, xb) and torch.equal(ya, yb)
+                                   for (xa, ya), (xb, yb) in zip(ea, eb, strict=True))
+        for ea, eb in zip(a, b, strict=True))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return D.build("digits", progress=False)  # augmenting train transform
+
+
+def test_distributed_loaders_in_one_process_are_the_plain_loaders(digits, tmp_path):
+    import torch.distributed as tdist
+
+    from ltc.utils import world_size
+
+    def passes(distributed: bool, seed: int = 3, n: int = 2):  # fresh loaders: their generators are stateful
+        train, val = D.loaders(digits, batch_size=100, seed=seed, eval_batch_size=128, distributed=distributed)
+        return _epochs(train, n), _epochs(val, n)
+
+    plain = passes(False)
+    assert _same_batches(plain[0], passes(True)[0]) and _same_batches(plain[1], passes(True)[1])
+    # the same under a torch.distributed group of one process
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert world_size() == 1
+        grouped = passes(True)
+    finally:
+        tdist.destroy_process_group()
+    assert _same_batches(plain[0], grouped[0]) and _same_batches(plain[1], grouped[1])
+    # the comparison can fail: another seed shuffles otherwise, and the second epoch differs from the first
+    assert not _same_batches(plain[0], passes(True, seed=4)[0])
+    assert not _same_batches(plain[0][:1], plain[0][1:])
+
+
+@HSET
+@given(n=st.integers(0, 60), world=st.integers(1, 9))
+def test_shard_sampler_partitions_the_indices(n, world):
+    shards = [list(D.ShardSampler(n, r, world)) for r in range(world)]
+    flat = [i for s in shards for i in s]
+    assert sorted(flat) == list(range(n)) and len(flat) == n  # every index once, none twice
+    assert all(s == sorted(s) for s in shards)  # in order (evaluation of the same images on every run)
+    assert [len(D.ShardSampler(n, r, world)) for r in range(world)] == [len(s) for s in shards]
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1  # balanced
+    assert all(i % world == r for r, s in enumerate(shards) for i in s)
+
+
+def test_calibration_loader_is_a_fixed_unaugmented_sample_of_train(digits):
+    loader = D.calibration_loader(digits, images=300, seed=7, batch_size=64)
+    torch.manual_seed(0)
+    first = list(loader)
+    torch.manual_seed(1)  # another global RNG state: augmentation would change the images
+    second = list(loader)
+    assert _same_batches([first], [second])
+    x = torch.cat([b[0] for b in first])
+    y = torch.cat([b[1] for b in first])
+    assert x.shape == (300, 1, 16, 16) and [len(b[0]) for b in first] == [64, 64, 64, 64, 44]
+    # the images are training images (never validation ones), each once
+    base = digits.train.dataset
+    idx = loader.dataset.indices
+    assert len(set(idx)) == 300 and set(idx) <= set(digits.train.indices) and not set(idx) & set(digits.val.indices)
+    # the eval transform: plain normalisation of the stored pixels, computed here independently
+    raw = torch.stack([base.raw(i) for i in idx]).double() / 255
+    expect = (raw - digits.mean[0]) / digits.std[0]
+    assert torch.allclose(x.double(), expect, atol=1e-5)
+    assert y.tolist() == [base.targets[i] for i in idx]
+    # the train loader augments the same images differently on every pass; the calibration data does not
+    train_x = [digits.train[digits.train.indices.index(idx[0])][0] for _ in range(8)]
+    assert any(not torch.equal(t, x[0]) for t in train_x)
+    # seeded: the same sample again, another seed another sample; never more images than there are
+    again = D.calibration_loader(digits, images=300, seed=7, batch_size=100)
+    assert again.dataset.indices == idx
+    assert D.calibration_loader(digits, images=300, seed=8).dataset.indices != idx
+    assert len(D.calibration_loader(digits, images=10**6).dataset) == len(digits.train)
 
 
 # ----------------------------------------------------------------------------------------------------------

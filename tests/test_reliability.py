@@ -25,14 +25,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import ltc
 import ltc.api
 import ltc.engine
 import ltc.train
 import ltc.utils
-from ltc import io as ltc_io
 from ltc import models
 from ltc.api import CHECKPOINT_NAME, compress
-from ltc.train import NonFiniteLossError, fit
+from ltc.train import CHECKPOINT_VERSION, NonFiniteLossError, fit
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("_resume_worker.py")
@@ -113,6 +113,13 @@ def check_after_kill(directory: Path, killed_pids: list[int], checkpoint: Path, 
     return state
 
 
+def epochs_done(state: dict) -> int:
+    """Epochs a compress checkpoint has done in all: its LC epochs, plus its fine-tuning epochs."""
+    if state["stage"] == "finetune":
+        return int(state["extra"]["lc_epochs_done"]) + int(state["epoch"])
+    return int(state["epoch"])
+
+
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert list(a) == list(b)
     for k in a:
@@ -170,7 +177,7 @@ def test_compress_killed_three_times_resumes_bit_identically(tmp_path: Path) -> 
     kills, resumed, pids = 0, 0, []
     for i in range(3):
         state = torch.load(ckpt, weights_only=True) if ckpt.exists() else None
-        done = state["epoch_counter"] / TOTAL_EPOCHS if state else 0.0
+        done = epochs_done(state) / TOTAL_EPOCHS if state else 0.0
         resumed += state is not None
         argv = [*py, str(run_dir), str(tmp_path / "final.pt")] + (["--resume"] if state else [])
         child = Launch(argv, tmp_path, f"kill{i}")
@@ -183,9 +190,9 @@ def test_compress_killed_three_times_resumes_bit_identically(tmp_path: Path) -> 
             assert child.proc.returncode == 0, child.text()
             break
         pids.append(child.proc.pid)
-        after = check_after_kill(run_dir, pids, ckpt, "engine")
+        after = check_after_kill(run_dir, pids, ckpt, "extra")
         print(f"kill {i + 1}: {delay:.2f} s into the run (resumed at epoch {round(done * TOTAL_EPOCHS)}); checkpoint "
-              f"then: {(after['phase'], after['epoch_counter']) if after else None}")
+              f"then: {(after['stage'], epochs_done(after)) if after else None}")
     assert kills >= 2, f"only {kills} of the 3 kills hit a running process"
     last = Launch([*py, str(run_dir), str(tmp_path / "final.pt"), "--resume"], tmp_path, "last")
     assert last.finish() == 0, last.text()
@@ -238,7 +245,7 @@ def test_ltc_train_killed_three_times_resumes_bit_identically(tmp_path: Path) ->
     last = Launch([*argv, "--out", str(out), "--resume"], tmp_path, "last")
     assert last.finish() == 0, last.text()
 
-    a, b = ltc_io.load(tmp_path / "ref" / "model.pt"), ltc_io.load(out / "model.pt")
+    a, b = ltc.load(tmp_path / "ref" / "model.pt"), ltc.load(out / "model.pt")
     assert_same_weights(b.state_dict(), a.state_dict())
     ra, rb = (json.loads((d / "result.json").read_text()) for d in (tmp_path / "ref", out))
 
@@ -254,12 +261,13 @@ def test_ltc_train_killed_three_times_resumes_bit_identically(tmp_path: Path) ->
 
 def test_resume_between_the_last_c_step_and_fine_tuning_is_bit_identical(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """Found by the kill test: a run stopped after its last C step but before its first fine-tuning checkpoint
-    resumed from the LC checkpoint, rebuilt the factors from Θ (equal only up to rounding) and fine-tuned another
-    factorisation. compress now checkpoints the deployed model before fine-tuning."""
+    """A run stopped after its last C step but before its first fine-tuning checkpoint resumes from the last LC
+    checkpoint: the deployed network is rebuilt from Θ alone, BatchNorm re-estimated with the restored RNG, and
+    fine-tuning starts as in the uninterrupted run (an earlier version deployed the C step's own factors, equal
+    to those rebuilt from Θ only up to rounding)."""
     kw = {**QUICK, "steps": 2, "finetune_epochs": 2}
     ref = compress(small(), loader(), checkpoint_dir=tmp_path / "ref", **kw)
-    real, calls = ltc.api.train_one_epoch, [0]
+    real, calls = ltc.train.train_one_epoch, [0]
 
     def stop_at_fine_tuning(*args, **kwargs):
         if calls[0] == 2:  # 2 L steps done: this is the first fine-tuning epoch
@@ -267,12 +275,12 @@ def test_resume_between_the_last_c_step_and_fine_tuning_is_bit_identical(tmp_pat
         calls[0] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ltc.api, "train_one_epoch", stop_at_fine_tuning)
+    monkeypatch.setattr(ltc.train, "train_one_epoch", stop_at_fine_tuning)
     with pytest.raises(KeyboardInterrupt):
         compress(small(), loader(), checkpoint_dir=tmp_path / "run", **kw)
     monkeypatch.undo()
     state = torch.load(tmp_path / "run" / CHECKPOINT_NAME, weights_only=True)
-    assert state["phase"] == "finetune" and state["ft_epoch"] == 0
+    assert state["stage"] == "lc" and state["epoch"] == 2
     res = compress(small(), loader(), checkpoint_dir=tmp_path / "run", resume=True, **kw)
     assert res.ranks == ref.ranks
     assert_same_weights(res.model.state_dict(), ref.model.state_dict())
@@ -353,7 +361,7 @@ def test_nan_loss_in_compress_stops_and_keeps_the_last_good_checkpoint(tmp_path:
     assert msg.startswith("L step 2/3, epoch 1/1: non-finite loss at batch 3/4: task loss = nan")
     assert f"The last good checkpoint {tmp_path / CHECKPOINT_NAME} is unchanged" in msg
     state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
-    assert state["phase"] == "lc" and state["step"] == 1 and all_finite(state["model"])
+    assert state["stage"] == "lc" and state["epoch"] == 1 and all_finite(state["model"])
     assert temp_files(tmp_path) == []
     # the checkpoint is good: a healthy model of the same architecture resumes it to the end
     model.n = 10**9
@@ -366,11 +374,12 @@ def test_weights_turning_nan_after_a_finite_last_loss_are_never_checkpointed(tmp
     compress used to checkpoint those NaN weights (and the C step ran on them); now it stops first."""
     with pytest.raises(NonFiniteLossError, match=r"^L step [23]/3, epoch 1/1: the weights became NaN/inf") as info:
         compress(small(), DataLoader(TRAIN, batch_size=64), checkpoint_dir=tmp_path, **{**QUICK, "lr": 1e6})
-    assert "although every batch loss was finite" in str(info.value) and "lower the learning rate" in str(info.value)
+    assert "although every batch loss was finite" in str(info.value) and "a lower learning rate" in str(info.value)
     failed_step = int(str(info.value)[len("L step ")])
     state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
-    assert state["step"] == failed_step - 1 and all_finite(state["model"])
-    assert all(all_finite({"t": s["theta"], "p": s["phi"]}) for s in state["engine"]["layers"].values())
+    assert state["epoch"] == failed_step - 1 and all_finite(state["model"])
+    layers = state["extra"]["compression"]["layers"].values()
+    assert all(all_finite({"t": s["theta"], "p": s["phi"]}) for s in layers)
 
     # the same in fine-tuning
     ft_dir = tmp_path / "ft"
@@ -378,19 +387,19 @@ def test_weights_turning_nan_after_a_finite_last_loss_are_never_checkpointed(tmp
         compress(small(), DataLoader(TRAIN, batch_size=64), checkpoint_dir=ft_dir,
                  **{**QUICK, "steps": 1, "finetune_epochs": 3, "finetune_lr": 1e6})
     state = torch.load(ft_dir / CHECKPOINT_NAME, weights_only=True)
-    assert state["phase"] == "finetune" and state["ft_epoch"] == 1 and all_finite(state["small"])
+    assert state["stage"] == "finetune" and state["epoch"] == 1 and all_finite(state["model"])
 
 
 def test_fit_never_checkpoints_nan_weights(tmp_path: Path) -> None:
     ckpt = tmp_path / "checkpoint.pt"
     model = small()
-    with pytest.raises(NonFiniteLossError, match=r"^epoch [2-5]: the weights became NaN/inf") as info:
+    with pytest.raises(NonFiniteLossError, match=r"^epoch [2-5]/5: the weights became NaN/inf") as info:
         fit(model, DataLoader(TRAIN, batch_size=64), epochs=5, opt_cfg={"lr": 1e6}, checkpoint_path=ckpt,
             progress=False, seed=0)
-    assert f"the last good checkpoint {ckpt} is unchanged" in str(info.value)
+    assert f"The last good checkpoint {ckpt} is unchanged" in str(info.value)
     state = torch.load(ckpt, weights_only=True)
-    assert state["epoch"] == int(str(info.value).split()[1].rstrip(":")) - 1 and all_finite(state["model"])
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at epoch 1, batch 1/4"):
+    assert state["epoch"] == int(str(info.value).split()[1].split("/")[0]) - 1 and all_finite(state["model"])
+    with pytest.raises(NonFiniteLossError, match=r"^epoch 1/1: non-finite loss at batch 1/4"):
         fit(NaNAfter(0), loader(), epochs=1, checkpoint_path=tmp_path / "other.pt", progress=False)
     assert not (tmp_path / "other.pt").exists() and temp_files(tmp_path) == []
 
@@ -405,14 +414,17 @@ BAD_SETTINGS = [
     ({"mu0": 0.0}, "mu0 must be a finite number > 0, got 0.0"),
     ({"mu_growth": 0.9}, "mu_growth must be a finite number >= 1 (μ increases), got 0.9"),
     ({"mu_final": -1.0}, "mu_final must be a finite number > 0, got -1.0"),
-    ({"cost": "flops"}, "cost must be 'macs' or 'params', got 'flops'"),
+    ({"cost": "flops"}, "cost must be one of 'macs', 'params', 'latency', got 'flops'"),
     ({"include": ["layer9.*"]}, "include glob 'layer9.*' matches no conv or linear layer; layer names look like: "
                                 "features.0, features.3"),
     ({"exclude": ["features.99"]}, "exclude glob 'features.99' matches no conv or linear layer"),
     ({"include": ["features.1"]}, "include glob 'features.1' matches no conv or linear layer"),  # a BatchNorm
     ({"exclude": ["features.*"]}, "no layer left to compress after include/exclude"),
     ({"method": "tucker"}, "unknown method 'tucker'"),
-    ({"optimizer": "rmsprop"}, "unknown optimizer 'rmsprop'"),
+    ({"optimizer": "rmsprop"}, "optimizer must be one of 'sgd', 'adam', 'adamw', got 'rmsprop'"),
+    ({"method": "vbmf", "lam": 5.0, "target_sr": None}, "method 'vbmf' picks its ranks without λ; drop lam"),
+    ({"epochs": 2}, "epochs=2 is less than the LC steps' 3"),
+    ({"epochs": 6, "finetune_epochs": 2}, "finetune_epochs=2 does not add up with epochs=6"),
 ]
 
 
@@ -422,7 +434,7 @@ def test_bad_settings_fail_before_any_training_or_writing(kw: dict, message: str
     def boom(*args, **kwargs):
         raise AssertionError("trained or evaluated before the settings were checked")
 
-    monkeypatch.setattr(ltc.api, "train_one_epoch", boom)
+    monkeypatch.setattr(ltc.train, "train_one_epoch", boom)
     monkeypatch.setattr(ltc.api, "evaluate", boom)
     with pytest.raises(ValueError) as info:
         compress(small(), loader(), val_loader=DataLoader(VAL, batch_size=32), checkpoint_dir=tmp_path / "ck",
@@ -452,29 +464,34 @@ def _resaved(src: Path, dst_dir: Path, **changes) -> Path:
     return dst_dir / CHECKPOINT_NAME
 
 
+def _with_engine_version(src: Path, version: int) -> dict:
+    extra = torch.load(src, weights_only=True)["extra"]
+    extra["compression"]["version"] = version
+    return extra
+
+
 def test_resume_refuses_foreign_checkpoints(finished_checkpoint: Path, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*args, **kwargs):
         raise AssertionError("trained from a foreign checkpoint")
 
-    monkeypatch.setattr(ltc.api, "train_one_epoch", boom)
     kw = {**QUICK, "steps": 1, "finetune_epochs": 0}
     cases = [
         ("arch", _copy(finished_checkpoint, tmp_path / "arch"), {"model": small(width=0.5)},
-         "belongs to another model (Error(s) in loading state_dict for SmallCNN: size mismatch for features.0.weight"),
+         "belongs to another model (parameters features.0.weight"),
         ("version", _resaved(finished_checkpoint, tmp_path / "v", version=99), {},
-         "was written by another ltc version or method ('ltc', checkpoint version 99, this ltc writes 1)"),
+         "was written by another ltc version (checkpoint version 99"),
         ("method", _copy(finished_checkpoint, tmp_path / "m"), {"method": "lrc"},
-         "was written by another ltc version or method ('ltc'"),
+         "belongs to a run with other settings (method: 'ltc' -> 'lrc')"),
         ("settings", _copy(finished_checkpoint, tmp_path / "s"), {"target_sr": 3.0},
          "belongs to a run with other settings (target_sr: 2.0 -> 3.0)"),
-        ("fit", tmp_path / "fit" / CHECKPOINT_NAME, {}, "is not a checkpoint of ltc.compress (it holds format "
-                                                        "'ltc-fit-v1')"),
+        ("fit", tmp_path / "fit" / CHECKPOINT_NAME, {}, "was written by ltc train / ltc.train.fit, not by ltc "
+                                                        "compress / ltc.compress"),
         ("garbage", tmp_path / "g" / CHECKPOINT_NAME, {},
          "cannot be read (not a tensor checkpoint: Unsupported operand"),
         ("truncated", tmp_path / "t" / CHECKPOINT_NAME, {}, "cannot be read ("),
-        ("engine", _resaved(finished_checkpoint, tmp_path / "e", engine={
-            **torch.load(finished_checkpoint, weights_only=True)["engine"], "version": 7}), {},
+        ("engine", _resaved(finished_checkpoint, tmp_path / "e", extra=_with_engine_version(finished_checkpoint, 7)),
+         {},
          f"engine state version 7 is not this ltc's ({ltc.engine.ENGINE_STATE_VERSION})"),
     ]
     (tmp_path / "fit").mkdir()
@@ -483,6 +500,7 @@ def test_resume_refuses_foreign_checkpoints(finished_checkpoint: Path, tmp_path:
     (tmp_path / "g" / CHECKPOINT_NAME).write_bytes(b"not a checkpoint at all" * 10)
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / CHECKPOINT_NAME).write_bytes(finished_checkpoint.read_bytes()[:5000])
+    monkeypatch.setattr(ltc.train, "train_one_epoch", boom)
     for name, path, over, message in cases:
         before = path.read_bytes()
         args = {**kw, **{k: v for k, v in over.items() if k != "model"}}
@@ -500,14 +518,14 @@ def test_fit_resume_refuses_another_models_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"belongs to another model or optimizer \(Error\(s\) in loading state_dict"):
         fit(small(width=0.5), loader(), epochs=1, checkpoint_path=ckpt, resume=True, progress=False)
     torch.save({"model": {}}, tmp_path / "plain.pt")
-    with pytest.raises(ValueError, match="is not a training checkpoint written by ltc.train.fit"):
+    with pytest.raises(ValueError, match=r"is not an ltc checkpoint \(it holds a plain dict\)"):
         fit(small(), loader(), epochs=2, checkpoint_path=tmp_path / "plain.pt", resume=True, progress=False)
     assert ckpt.read_bytes() == before
 
 
 def test_fit_checkpoint_resumes_with_or_without_a_parallel_wrapper(tmp_path: Path) -> None:
     """fit stores the weights of the model inside a DDP/DataParallel wrapper: a run started under torchrun
-    resumes on one process and vice versa (and older checkpoints with 'module.' keys still load)."""
+    resumes on one process and vice versa."""
     ckpt = tmp_path / "checkpoint.pt"
     fit(nn.DataParallel(small()), loader(), epochs=1, checkpoint_path=ckpt, progress=False, seed=0)
     state = torch.load(ckpt, weights_only=True)
@@ -515,11 +533,9 @@ def test_fit_checkpoint_resumes_with_or_without_a_parallel_wrapper(tmp_path: Pat
     plain = small(seed=1)
     fit(plain, loader(), epochs=1, checkpoint_path=ckpt, resume=True, progress=False, seed=0)
     assert_same_weights(plain.state_dict(), state["model"])
-    state["model"] = {f"module.{k}": v for k, v in state["model"].items()}  # as older versions wrote it
-    torch.save(state, ckpt)
-    again = small(seed=2)
-    fit(again, loader(), epochs=1, checkpoint_path=ckpt, resume=True, progress=False, seed=0)
-    assert_same_weights(again.state_dict(), {k.removeprefix("module."): v for k, v in state["model"].items()})
+    wrapped = nn.DataParallel(small(seed=2))
+    fit(wrapped, loader(), epochs=1, checkpoint_path=ckpt, resume=True, progress=False, seed=0)
+    assert_same_weights(wrapped.module.state_dict(), state["model"])
 
 
 def _fail_on_write(monkeypatch: pytest.MonkeyPatch, n_ok: int, exc: OSError, where: str) -> list[int]:
@@ -564,7 +580,7 @@ def test_disk_full_or_permission_error_keeps_the_previous_checkpoint(tmp_path: P
     assert type(info.value) is type(exc) and info.value.errno == exc.errno
     assert str(info.value) == f"could not write checkpoint to {ckpt}: {reason}; the previous file is unchanged"
     state = torch.load(ckpt, weights_only=True)  # the checkpoint of LC step 1, complete
-    assert state["step"] == 1 and state["phase"] == "lc"
+    assert state["epoch"] == 1 and state["stage"] == "lc"
     assert temp_files(tmp_path) == []
     # and the run resumes from it once the disk has room again
     res = compress(small(), loader(), checkpoint_dir=tmp_path, resume=True, **QUICK)
@@ -728,14 +744,14 @@ def bad_input_rows(work: Path) -> list[tuple[str, str, str]]:
         cli("(a good run; not an error)", [*C, "--target-sr", "2", "--out", "c_ok"])
         rows.pop()
         shutil.copytree("c_ok", "c_fit")
-        shutil.copy("base/checkpoint.pt", "c_fit/compress.pt")
+        shutil.copy("base/checkpoint.pt", f"c_fit/{CHECKPOINT_NAME}")
         (work / "c_fit" / "result.json").unlink()
-        cli("--resume on a folder whose compress.pt is a training checkpoint",
+        cli("--resume on a compression folder whose checkpoint a training run wrote",
             [*C, "--target-sr", "2", "--out", "c_fit", "--resume"])
         shutil.copytree("c_ok", "c_bad")
-        (work / "c_bad" / "compress.pt").write_bytes(b"garbage" * 50)
+        (work / "c_bad" / CHECKPOINT_NAME).write_bytes(b"garbage" * 50)
         (work / "c_bad" / "result.json").unlink()
-        cli("--resume on a damaged compress.pt", [*C, "--target-sr", "2", "--out", "c_bad", "--resume"])
+        cli("--resume on a damaged checkpoint", [*C, "--target-sr", "2", "--out", "c_bad", "--resume"])
         shutil.copytree("c_ok", "c_set")
         (work / "c_set" / "result.json").unlink()
         cli("--resume with another target than the run's", [*C, "--target-sr", "3", "--out", "c_set", "--resume"])
@@ -747,7 +763,7 @@ def bad_input_rows(work: Path) -> list[tuple[str, str, str]]:
                              progress=False))
         shutil.copytree("c_ok", "c_ver")
         st = torch.load(work / "c_ver" / CHECKPOINT_NAME, weights_only=True)
-        st["version"] = 2
+        st["version"] = CHECKPOINT_VERSION + 1
         torch.save(st, work / "c_ver" / CHECKPOINT_NAME)
         (work / "c_ver" / "result.json").unlink()
         cli("--resume on a checkpoint of a newer ltc", [*C, "--target-sr", "2", "--out", "c_ver", "--resume"])

@@ -9,12 +9,21 @@ import math
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
 
 from ltc import plots, report
+from ltc.api import Result
+from ltc.cli import main
+from ltc.cost import Profile
+from ltc.methods import list_methods
+from ltc.results import SCHEMA_VERSION, RunResult
 
 # VGG-16 (CIFAR) conv layers: (S, T)
 VGG_CONVS = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256), (256, 512),
@@ -28,7 +37,8 @@ def fake_result(method: str = "ltc", lam: float = 1e-3, *, model: str = "vgg16_c
                 frac: float = 0.3, steps: int = 4, label: str | None = None, matrix: bool = False,
                 dense: tuple[int, ...] = (0,), target_sr: float | None = None,
                 latency: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A result.json dict shaped like ltc.api.Result.to_dict() plus the CLI's keys; SR/CR consistent with MACs."""
+    """A result.json dict shaped like what ``ltc compress`` writes (RunResult.from_compression); SR/CR consistent
+    with MACs."""
     ranks: dict[str, Any] = {}
     full: dict[str, Any] = {}
     for i, (name, (s, t)) in enumerate(zip(VGG_NAMES, VGG_CONVS, strict=True)):
@@ -50,7 +60,7 @@ def fake_result(method: str = "ltc", lam: float = 1e-3, *, model: str = "vgg16_c
                         "distance": 0.3 * 0.5**k, "macs": base_macs / s_k, "params": base_params / c_k,
                         "sr": s_k, "cr": c_k, "seconds": 0.1})
     out: dict[str, Any] = {
-        "method": method, "lam": lam, "target_sr": target_sr, "sr": sr, "cr": cr,
+        "kind": "compress", "method": method, "lam": lam, "target_sr": target_sr, "sr": sr, "cr": cr,
         "base": {"macs": base_macs, "params": base_params, "acc": base_acc},
         "compressed": {"macs": base_macs / sr, "params": base_params / cr, "acc": acc,
                        "acc_before_finetune": acc_before},
@@ -100,6 +110,9 @@ def test_load_runs_folder_and_file(tmp_path: Path) -> None:
     d = write_run(tmp_path, "a", fake_result())
     r1, r2 = report.load_runs([d, d / "result.json"])
     assert r1["method"] == "ltc" and r1["_path"] == str(d) == r2["_path"]
+    # read through RunResult: the record as the schema defines it (defaults filled in, foreign keys dropped)
+    assert r1 == {**RunResult.read(d / "result.json").to_dict(), "_path": str(d)}
+    assert r1["schema"] == SCHEMA_VERSION and r1["finetune"] is None and "not_a_field" not in r1
 
 
 def test_load_runs_errors_name_the_path(tmp_path: Path) -> None:
@@ -124,6 +137,128 @@ def test_load_runs_errors_name_the_path(tmp_path: Path) -> None:
     write_run(parent, "child", fake_result())
     with pytest.raises(FileNotFoundError, match="child"):
         report.load_runs([parent])
+
+
+# ---------------------------------------------------------------------------------------------- RunResult
+
+
+_finite = st.floats(allow_nan=False, allow_infinity=False)
+_frac = st.floats(0.0, 1.0)
+_json_leaf = st.none() | st.booleans() | st.integers(-(2**53), 2**53) | _finite | st.text(max_size=8)
+_row_lists = st.lists(st.dictionaries(st.text(max_size=6), _json_leaf, max_size=4), max_size=3)
+
+
+@st.composite
+def run_results(draw: st.DrawFn) -> RunResult:
+    common = {"model": draw(st.text(min_size=1, max_size=12)), "dataset": draw(st.text(max_size=12)),
+              "seconds": draw(st.floats(0, 1e6)), "data": draw(st.dictionaries(st.text(max_size=6), _json_leaf,
+                                                                                max_size=3)),
+              "history": draw(_row_lists)}
+    if draw(st.booleans()):
+        return RunResult(kind="train", acc=draw(st.none() | _frac), macs=draw(st.integers(0, 10**12)),
+                         params=draw(st.integers(0, 10**9)), epochs=draw(st.integers(0, 500)), **common)
+    ranks = draw(st.dictionaries(st.text(min_size=1, max_size=8),
+                                 st.none() | st.integers(1, 512) | st.lists(st.integers(1, 512), min_size=2,
+                                                                            max_size=2), max_size=4))
+    profile = st.fixed_dictionaries({"macs": st.integers(1, 10**12), "params": st.integers(1, 10**9),
+                                     "acc": st.none() | _frac})
+    return RunResult(kind="compress", method=draw(st.sampled_from(list_methods())), label=draw(st.none() | st.text()),
+                     lam=draw(st.none() | st.floats(0, 1e6)), target_sr=draw(st.none() | st.floats(1, 100)),
+                     sr=draw(st.floats(1, 100)), cr=draw(st.floats(1, 100)), base=draw(profile),
+                     compressed=draw(profile), ranks=ranks, log=draw(_row_lists),
+                     latency=draw(st.dictionaries(st.just("batch1"), st.dictionaries(st.text(max_size=6), _finite,
+                                                                                      max_size=3))),
+                     w_theta_final=draw(st.none() | _frac), base_run=draw(st.none() | st.text(max_size=10)),
+                     **common)
+
+
+@settings(max_examples=60, deadline=None)
+@given(res=run_results())
+def test_run_result_write_read_round_trip(res: RunResult) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "result.json"
+        res.write(path)
+        back = RunResult.read(path)
+        text = path.read_text(encoding="utf-8")
+    assert back == res
+    assert json.loads(text) == res.to_dict() and back.to_dict() == res.to_dict()
+    assert RunResult.from_dict(res.to_dict()) == res
+
+
+def test_run_result_stores_non_finite_numbers_as_null(tmp_path: Path) -> None:
+    res = RunResult(kind="train", model="m", acc=float("nan"), macs=10, params=3,
+                    history=[{"val_loss": float("inf"), "val_acc": None, "lr": 0.1}])
+    res.write(tmp_path / "result.json")
+
+    def refuse(token: str) -> None:
+        raise AssertionError(f"{token} in result.json: not strict JSON")
+
+    json.loads((tmp_path / "result.json").read_text(), parse_constant=refuse)
+    back = RunResult.read(tmp_path / "result.json")  # a base run without validation accuracy still reads back
+    assert back.acc is None and back.history == [{"val_loss": None, "val_acc": None, "lr": 0.1}]
+
+
+def test_run_result_from_compression_keeps_the_result() -> None:
+    prof = [Profile(macs=m, params=p, layers=(), input_shape=(1, 1, 16, 16)) for m, p in ((1200, 90), (300, 45))]
+    result = Result(model=nn.Identity(), method="ltc", ranks={"conv": (2, 3)}, full_ranks={"conv": (4, 8)}, lam=0.5,
+                    target_sr=None, base=prof[0], compressed=prof[1], base_acc=0.9, acc_before_finetune=0.5,
+                    acc=0.85, history=[{"step": 0, "distance": 0.25}], log=[{"epoch": 1, "phase": "lc"}],
+                    config={"method": "ltc", "lam": 0.5}, plan={"lc_steps": 1, "finetune": 2}, w_theta_final=0.25,
+                    seconds=3.0)
+    run = RunResult.from_compression(result, model="small_cnn", dataset="digits", label="LTC")
+    assert run.kind == "compress" and run.compress_config == {"method": "ltc", "lam": 0.5} and run.config == {}
+    assert (run.model, run.dataset, run.label, run.method, run.lam) == ("small_cnn", "digits", "LTC", "ltc", 0.5)
+    assert run.ranks == {"conv": [2, 3]} and run.full_ranks == {"conv": [4, 8]}
+    assert run.base == {"macs": 1200, "params": 90, "acc": 0.9}
+    assert run.compressed == {"macs": 300, "params": 45, "acc": 0.85, "acc_before_finetune": 0.5}
+    assert (run.sr, run.cr) == (result.sr, result.cr) and run.plan == result.plan and run.log == result.log
+    assert RunResult.from_dict(run.to_dict()) == run
+
+
+def test_run_result_legacy_record_without_kind_is_a_compression(tmp_path: Path) -> None:
+    data = fake_result()
+    del data["kind"]
+    d = write_run(tmp_path, "old", data)
+    res = RunResult.read(d / "result.json")
+    assert res.kind == "compress" and res.method == "ltc" and res.sr == data["sr"]
+
+
+_VALID = {"train": train_result(), "compress": fake_result()}
+
+
+@pytest.mark.parametrize(("kind", "change", "message"), [
+    ("compress", {"schema": 2}, "result schema 2, this ltc reads 1"),
+    ("train", {"schema": "1"}, "result schema '1'"),
+    ("train", {"kind": "sweep"}, "unknown run kind 'sweep'"),
+    ("train", {"macs": None}, "base-model (kind 'train') result lacks the key(s) macs"),
+    ("train", {"params": "drop", "model": "drop"}, "lacks the key(s) params, model"),
+    ("compress", {"compressed": "drop"}, "compression result lacks the key(s) compressed"),
+    ("compress", {"method": None, "base": "drop"}, "lacks the key(s) method, base"),
+    ("compress", {"model": "drop"}, "lacks the key(s) model"),
+])
+def test_run_result_refuses_foreign_records(kind: str, change: dict[str, Any], message: str, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    data = {**_VALID[kind], **change}
+    data = {k: v for k, v in data.items() if v != "drop"}
+    d = write_run(tmp_path, "run", data)
+    file = d / "result.json"
+    pattern = re.escape(str(file)) + ".*" + re.escape(message)
+    with pytest.raises(ValueError, match=pattern):
+        RunResult.read(file)
+    with pytest.raises(ValueError, match=pattern):
+        report.load_runs([d])
+    good = write_run(tmp_path, "good", _VALID["train"])
+    code = main(["report", str(good), str(d), "--out", str(tmp_path / "rep")])  # ltc report reads through it
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("ltc: error:") and str(file) in err and message in err
+    assert not (tmp_path / "rep").exists()  # nothing written from half of the runs
+    assert main(["report", str(good), "--out", str(tmp_path / "rep")]) == 0
+    assert "| VGG-16 |" in capsys.readouterr().out and (tmp_path / "rep" / "table1.md").is_file()
+
+
+def test_run_result_kind_is_checked_on_construction() -> None:
+    with pytest.raises(ValueError, match="kind must be 'train' or 'compress', got 'base'"):
+        RunResult(kind="base", model="m")
 
 
 # ------------------------------------------------------------------------------------------------- tables

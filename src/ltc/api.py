@@ -433,6 +433,11 @@ def compress(
     teacher = _teacher(model, device) if cfg.kd_weight > 0 else None
     base_prof = profile(work, example_input)
     comp = method.build(work, example_input, calibration=calib, **cfg.engine_kwargs())
+    if plan.lc_epochs:
+        sched = cfg.schedule(_len(train_loader), comp.scale_range)
+        comp.set_schedule(**{k: v for k, v in sched.items() if k != "mu_final"})
+    if ckpt is None:
+        comp.start()  # the first C step (or the rank rule) checks the target's reachability before any training
     if base_acc is None and val_loader is not None:
         base_acc = (ckpt["extra"] or {}).get("base_acc") if ckpt is not None else _acc(work, val_loader, device, cfg)
     if progress and is_main_process():
@@ -450,16 +455,15 @@ def compress(
         return get
 
     def restore(state: dict[str, Any]) -> None:
-        comp.load_state_dict(state["compression"])
+        try:
+            comp.load_state_dict(state["compression"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"checkpoint {ckpt_path}: {exc}") from None
         log.rows[:] = list(state.get("log") or [])
 
     # ---------------------------------------------------------------- LC steps (learning methods only)
     lc_done = 0
     if plan.lc_epochs and stage != "finetune":
-        sched = cfg.schedule(_len(train_loader), comp.scale_range)
-        comp.set_schedule(**{k: v for k, v in sched.items() if k != "mu_final"})
-        if ckpt is None:
-            comp.start()
         lc_hist = fit(work, train_loader, val_loader, epochs=plan.lc_epochs, stage="lc", resume=ckpt is not None,
                       extra_loss=comp.penalty, extra_state=(extra(), restore), on_epoch_end=_c_step_hook(
                           comp, cfg, plan), describe=lambda e: f"L step {e // plan.epochs_per_step + 1}/"
@@ -470,8 +474,6 @@ def compress(
     elif stage == "finetune":
         restore(ckpt["extra"])  # type: ignore[index]
         lc_done = int(ckpt["extra"].get("lc_epochs_done", plan.lc_epochs))  # type: ignore[index]
-    else:
-        comp.start()
 
     # ---------------------------------------------------------------- deploy, re-estimate BatchNorm, fine-tune
     small = comp.compressed_model().to(device)
@@ -487,6 +489,7 @@ def compress(
     fit(small, train_loader, val_loader, epochs=ft_epochs, stage="finetune", resume=stage == "finetune",
         optimizer=opt, scheduler=make_scheduler(opt, "cosine", epochs=max(ft_epochs, 1)), epoch_offset=lc_done,
         extra_state=(extra({"acc_before": acc_before, "lc_epochs_done": lc_done}), restore),
+        on_epoch_end=lambda e, row: {"phase": "finetune", "epoch": lc_done + e},  # rows count the whole run
         describe=lambda e: f"fine-tuning epoch {e + 1}/{ft_epochs}", log=log, **common)
     acc = _acc(small, val_loader, device, cfg)
     history = getattr(comp, "history", [])

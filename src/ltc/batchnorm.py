@@ -37,8 +37,9 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable[Any], batches: int 
     Statistics are reset, then averaged cumulatively (``momentum=None``) over ``batches`` batches of ``loader``
     (``None``: all of it) in a train-mode forward pass of the BatchNorm layers only (dropout and the rest stay in
     eval mode), without gradients. Use training images without augmentation. Under torch.distributed the
-    statistics are averaged over the processes, so every process ends with the same ones. Each module's
-    train/eval flag and momentum are restored. Returns ``model``. A model without BatchNorm is left as it is.
+    statistics are averaged over the processes, so every process ends with the same ones. Each batch counts
+    alike (as in ``torch.optim.swa_utils.update_bn``). Each module's train/eval flag and momentum are restored, and
+    if the loader fails the previous statistics too. Returns ``model``. A model without BatchNorm is left as is.
     """
     core = unwrap(model)
     bns = [m for m in core.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
@@ -46,7 +47,10 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable[Any], batches: int 
         return model
     flags = [(m, m.training) for m in core.modules()]
     momenta = [bn.momentum for bn in bns]
+    saved = [{k: v.clone() for k, v in bn.state_dict().items() if k.startswith(("running_", "num_batches"))}
+             for bn in bns]
     device = next((p.device for p in core.parameters()), torch.device("cpu"))
+    ok = False
     try:
         core.eval()
         for bn in bns:
@@ -67,7 +71,11 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable[Any], batches: int 
                 for t in (bn.running_mean, bn.running_var):
                     torch.distributed.all_reduce(t)
                     t.div_(n)
+        ok = True
     finally:
+        if not ok:  # a failing loader: put the old statistics back rather than leave them reset
+            for bn, st in zip(bns, saved, strict=True):
+                bn.load_state_dict({**bn.state_dict(), **st})
         for bn, mom in zip(bns, momenta, strict=True):
             bn.momentum = mom
         for m, t in flags:

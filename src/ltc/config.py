@@ -317,7 +317,8 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"sweep.target_srs must be >= 1, got {sr}")
     from .train import TrainConfig
 
-    for section, build in (("train", lambda: TrainConfig(**t)), ("compress", lambda: compress_config(cfg))):
+    checks = (("train", lambda: TrainConfig(**t)), ("compress", lambda: compress_config(cfg, need_ranks=False)))
+    for section, build in checks:
         try:
             build()  # the settings objects' own checks: one message per bad value, whatever the entry point
         except (ValueError, ImportError) as exc:
@@ -325,11 +326,18 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def compress_config(cfg: dict[str, Any]) -> Any:
-    """The :class:`ltc.api.CompressConfig` of ``cfg`` (``device`` / ``seed`` default to ``run:``'s)."""
+def compress_config(cfg: dict[str, Any], *, need_ranks: bool = True) -> Any:
+    """The :class:`ltc.api.CompressConfig` of ``cfg`` (``device`` / ``seed`` default to ``run:``'s).
+
+    ``need_ranks=False`` accepts a section with neither ``lam`` nor ``target_sr`` (a placeholder meets the
+    method's rule on them): what loading a config checks (``ltc train`` / ``eval`` never need them, a sweep or the
+    variants supply them) and what ``ltc finetune`` reads (the training settings only). Compressing needs them."""
     from .api import CompressConfig
+    from .methods import get_method
 
     c = dict(cfg["compress"])
+    if not need_ranks and c.get("lam") is None and c.get("target_sr") is None:
+        c.update({"required": {"lam": 0.0}, "target": {"target_sr": 1.0}}.get(get_method(c["method"]).lam, {}))
     if c.get("device") is None:
         c["device"] = cfg["run"]["device"]
     if c.get("seed") is None:

@@ -47,7 +47,7 @@ from .settings import COSTS, METRICS, WEIGHTINGS, check_choice, check_int, check
 from .surgery import replace_modules, unwrap
 
 __all__ = ["LCEngine", "LTC", "LRC", "EngineSettings", "LayerState", "select_layers", "ENGINE_STATE_VERSION",
-           "check_lam_target"]
+           "check_lam_target", "deploy_ranks"]
 
 log = logging.getLogger("ltc")
 
@@ -323,8 +323,9 @@ class LCEngine:
         if self.started:
             return
         self.prepare()
-        self.started = True
-        self._log_mu_diagnostic(self._c_step())
+        cands = self._c_step()
+        self.started = True  # only once the C step succeeded: a failed one (unreachable target) is not a start
+        self._log_mu_diagnostic(cands)
 
     def set_schedule(self, *, mu0: float | None = None, mu_growth: float | None = None,
                      mu_cap: float | None = None) -> None:
@@ -420,6 +421,16 @@ class LCEngine:
             w = s.weight.detach()
             num += float((w - s.theta.to(w.device)).square().sum())
             den += float(w.square().sum())
+        return math.sqrt(num / max(den, 1e-300))
+
+    def metric_distance(self) -> float:
+        """``‖(W − Θ) ×_in L‖ / ‖W ×_in L‖`` over all compressed layers, in the layers' metric (equal to
+        :meth:`distance` for the weight metric): what the layers' outputs lose if deployed now, relative."""
+        num = den = 0.0
+        for s in self.layers.values():
+            w = s.weight.detach().double()
+            num += float(s.to_metric(w - s.theta.to(w.device).double()).square().sum())
+            den += float(s.to_metric(w).square().sum())
         return math.sqrt(num / max(den, 1e-300))
 
     @property
@@ -570,13 +581,17 @@ class LCEngine:
     def _record(self, seconds: float, what: str) -> None:
         """Append the current state (ranks, errors, costs, SR/CR, ‖W − Θ‖/‖W‖) to ``history`` and log it."""
         params, macs = self._totals()
+        prev = self.history[-1]["ranks"] if self.history else None
+        ranks = {n: (list(r) if isinstance(r, tuple) else r) for n, r in self.ranks.items()}
         row = {
             "step": self.steps_done,
             "mu": self.mu,
             "lam": self.lam,
-            "ranks": {n: (list(r) if isinstance(r, tuple) else r) for n, r in self.ranks.items()},
+            "ranks": ranks,
+            "moved": None if prev is None else sum(prev[n] != ranks[n] for n in ranks),
             "err": {n: s.err for n, s in self.layers.items()},
             "distance": self.distance(),
+            "distance_metric": self.metric_distance() if self.metric != "weight" else None,
             "macs": macs,
             "params": params,
             "sr": self.base_macs / max(macs, 1),
@@ -809,7 +824,8 @@ class LCEngine:
         self.mu, self.lam, self.steps_done = float(state["mu"]), float(state["lam"]), int(state["steps_done"])
         self.mu_growth = float(state["mu_growth"])
         self.mu_cap = None if state["mu_cap"] is None else float(state["mu_cap"])
-        self.started, self._prepared = bool(state["started"]), True
+        # a state saved before start() holds no metric or layer weights yet: start() measures them
+        self.started = self._prepared = bool(state["started"])
         self._ranks_changed = bool(state["ranks_changed"])
         self.history = copy.deepcopy(state["history"])
 
@@ -945,6 +961,16 @@ def _greedy_fill(
                 heapq.heappush(heap, d)
             deferred.clear()
     return choice
+
+
+def deploy_ranks(model: nn.Module, example_input: Tensor, ranks: dict[str, Any], *,
+                 conv_scheme: str = "tucker2") -> nn.Module:
+    """A compressed copy of ``model`` at the given ranks (``{layer: (r_in, r_out) | r | None}``, ``None`` = dense),
+    factors from the truncated HOSVD / SVD of its weights: the architecture a run recorded, rebuilt (e.g. to time
+    it or to count its MACs). Lists (as JSON stores them) are read as ``(r_in, r_out)``."""
+    eng = LCEngine(model, example_input, lam=0.0, conv_scheme=conv_scheme, include=list(ranks))
+    eng.assign({n: tuple(r) if isinstance(r, list) else r for n, r in ranks.items()})
+    return eng.compressed_model()
 
 
 class LTC(LCEngine):

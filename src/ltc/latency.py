@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .utils import resolve_device
 
-__all__ = ["LatencyStats", "measure_latency", "compare_latency"]
+__all__ = ["LatencyStats", "measure_latency", "compare_latency", "interleaved_latency"]
 
 
 @dataclass(frozen=True)
@@ -130,6 +130,44 @@ def measure_latency(
     return _stats(times)
 
 
+def interleaved_latency(
+    models: dict[str, nn.Module],
+    example_input: Tensor,
+    *,
+    threads: int | None = None,
+    warmup: int = 5,
+    repeats: int = 30,
+    device: str | torch.device = "cpu",
+    fold_bn: bool = False,
+) -> dict[str, LatencyStats]:
+    """Time several models side by side, interleaved run by run (so machine noise hits all of them alike); the
+    order rotates every run, so none systematically profits from a warm cache. ``fold_bn``: time eval-mode copies
+    with BatchNorm folded into the preceding convs (:func:`ltc.fold_batchnorm`), as deployed."""
+    _check(warmup, repeats)
+    if not models:
+        raise ValueError("interleaved_latency needs at least one model")
+    dev = resolve_device(device)
+    x = example_input.to(dev)
+    if fold_bn:
+        from .batchnorm import fold_batchnorm
+
+        models = {k: fold_batchnorm(m) for k, m in models.items()}
+    names = list(models)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_num_threads(threads))
+        stack.enter_context(torch.inference_mode())
+        timers = {n: _Timer(stack.enter_context(_prepared(models[n], dev)), x, dev) for n in names}
+        for _ in range(int(warmup)):
+            for n in names:
+                timers[n]()
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for i in range(int(repeats)):
+            k = i % len(names)
+            for n in names[k:] + names[:k]:
+                times[n].append(timers[n]())
+    return {n: _stats(times[n]) for n in names}
+
+
 def compare_latency(
     base: nn.Module,
     compressed: nn.Module,
@@ -139,38 +177,19 @@ def compare_latency(
     warmup: int = 5,
     repeats: int = 30,
     device: str | torch.device = "cpu",
+    fold_bn: bool = False,
 ) -> dict[str, Any]:
-    """Measure ``base`` and ``compressed`` side by side, interleaved run by run (so machine noise hits both).
+    """Measure ``base`` and ``compressed`` side by side with :func:`interleaved_latency`.
 
     Returns ``{"base_ms", "compressed_ms"`` (medians), ``"speedup"`` (measured: base_ms / compressed_ms, not
     SR), ``"base"``, ``"compressed"`` (full :class:`LatencyStats` dicts), ``"batch"``, ``"threads"``,
-    ``"device"``, ``"repeats"``, ``"warmup"}``.
+    ``"device"``, ``"repeats"``, ``"warmup"``, ``"fold_bn"}``.
     """
-    _check(warmup, repeats)
-    dev = resolve_device(device)
-    x = example_input.to(dev)
-    with (
-        _num_threads(threads),
-        torch.inference_mode(),
-        _prepared(base, dev) as b,
-        _prepared(compressed, dev) as c,
-    ):
-        tb, tc = _Timer(b, x, dev), _Timer(c, x, dev)
-        for _ in range(int(warmup)):
-            tb()
-            tc()
-        times_b: list[float] = []
-        times_c: list[float] = []
-        for i in range(int(repeats)):
-            # alternate which model goes first, so neither systematically profits from a warm cache
-            if i % 2 == 0:
-                times_b.append(tb())
-                times_c.append(tc())
-            else:
-                times_c.append(tc())
-                times_b.append(tb())
+    with _num_threads(threads):
         used_threads = torch.get_num_threads()
-    sb, sc = _stats(times_b), _stats(times_c)
+        st = interleaved_latency({"base": base, "compressed": compressed}, example_input, warmup=warmup,
+                                 repeats=repeats, device=device, fold_bn=fold_bn)
+    sb, sc = st["base"], st["compressed"]
     return {
         "base_ms": sb.median_ms,
         "compressed_ms": sc.median_ms,
@@ -179,7 +198,8 @@ def compare_latency(
         "compressed": sc.to_dict(),
         "batch": int(example_input.shape[0]),
         "threads": used_threads,
-        "device": str(dev),
+        "device": str(resolve_device(device)),
         "repeats": int(repeats),
         "warmup": int(warmup),
+        "fold_bn": bool(fold_bn),
     }

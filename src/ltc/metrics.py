@@ -70,7 +70,7 @@ def _features(module: nn.Module, x: Tensor, mode: str) -> Tensor:
     """The rows whose second moment is the layer's metric: ``(n, d)`` float64."""
     if isinstance(module, nn.Linear):
         return x.reshape(-1, x.shape[-1]).double()
-    if mode == "patch":
+    if mode == "patch" or tuple(module.kernel_size) == (1, 1):  # a 1x1 conv reads only the strided/padded pixels
         cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
                         stride=module.stride) if module.padding_mode == "zeros" else F.unfold(
             F.pad(x, _pad4(module), mode=module.padding_mode), module.kernel_size, dilation=module.dilation,

@@ -290,10 +290,10 @@ def compress_run(cfg: dict[str, Any], base_ref: str | Path, out: Path, *, resume
                       calibration_loader=calibration_images(bundle, info["seed"]), config=ccfg, checkpoint_dir=out,
                       resume=resume, progress=False)
     small = result.model.cpu().eval()
-    say(f"[latency] CPU, batch 1, {_plural(r['latency_threads'], 'thread')}, {r['latency_repeats']} interleaved "
-        "runs of each model")
+    say(f"[latency] CPU, batch 1, {_plural(r['latency_threads'], 'thread')}, BatchNorm folded, "
+        f"{r['latency_repeats']} interleaved runs of each model")
     lat = compare_latency(base.model.cpu().eval(), small, _example(bundle.input_shape), threads=r["latency_threads"],
-                          repeats=r["latency_repeats"], device="cpu")
+                          repeats=r["latency_repeats"], device="cpu", fold_bn=True)
     run = RunResult.from_compression(result, model=base.name, dataset=info["name"], label=label,
                                      latency={"batch1": lat}, data=info, base_run=str(base_ref),
                                      model_config=getattr(small, "ltc_config", None), config=cfg)
@@ -349,7 +349,8 @@ def finetune_run(cfg: dict[str, Any], src_ref: str | Path, out: Path | None, *, 
     seed_everything(cfg["run"]["seed"])
     bundle, info = build_data(cfg, src, progress=progress)
     train_loader, val_loader = make_loaders(bundle, cfg, info["seed"])
-    c = CompressConfig(**{**cfgmod.compress_config(cfg).to_dict(), **({"finetune_lr": lr} if lr else {})})
+    c = CompressConfig(**{**cfgmod.compress_config(cfg, need_ranks=False).to_dict(),
+                         **({"finetune_lr": lr} if lr else {})})
     prev = src.result.get("compressed", {}).get("acc") if src.result.get("kind") != "train" else src.result.get("acc")
     say(f"[finetune] {src.name} from {src.path}: {epochs} epochs at lr {c.finetune_lr:g} on {device} -> {out}")
     model = src.model.to(device)

@@ -385,9 +385,14 @@ def plot_trajectories(result_or_run: RunLike, out_path: str | Path) -> list[Path
         handles, lbls = handles + h2, lbls + l2
     ax_mu.legend(handles, lbls, fontsize=8)
 
-    dist = [h.get("distance", math.nan) for h in hist]
-    ax_d.plot(steps, [d if isinstance(d, int | float) and d > 0 else math.nan for d in dist], marker="o", ms=3,
-              color="tab:red")
+    def positive(key: str) -> list[float]:
+        return [v if isinstance(v, int | float) and v > 0 else math.nan for v in (h.get(key) for h in hist)]
+
+    ax_d.plot(steps, positive("distance"), marker="o", ms=3, color="tab:red", label="weight space")
+    if any(isinstance(h.get("distance_metric"), int | float) for h in hist):
+        ax_d.plot(steps, positive("distance_metric"), marker="s", ms=3, color="tab:orange",
+                  label="data metric (layer outputs)")
+        ax_d.legend(fontsize=8)
     ax_d.set_yscale("log")
     ax_d.set(xlabel=xlabel, ylabel=r"$\|W-\Theta\|\,/\,\|W\|$ (log)", title="Distance to the Tucker model")
     for ax in (ax_sr, ax_mu, ax_d):

@@ -106,12 +106,13 @@ class RunResult:
         kind = data.get("kind", "compress")
         if kind not in _REQUIRED:
             raise ValueError(f"{where}: unknown run kind {kind!r} (expected 'train' or 'compress')")
-        missing = [k for k in _REQUIRED[kind] if data.get(k) is None]
+        # a base model trained without validation data has no accuracy: "acc" must be there, but may be null
+        missing = [k for k in (*_REQUIRED[kind], "model") if k not in data or (data[k] is None and k != "acc")]
         if missing:
             what = "base-model (kind 'train')" if kind == "train" else "compression"
             raise ValueError(f"{where}: {what} result lacks the key(s) {', '.join(missing)}")
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return cls(**{k: v for k, v in data.items() if k in names and k != "kind"}, kind=kind)
 
     def write(self, path: str | Path) -> None:
         """Atomically write the JSON record (main process only)."""

@@ -133,7 +133,7 @@ def write_rows_csv(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def save_model(model: nn.Module, path: str | Path, meta: dict[str, Any] | None = None) -> None:
-    """Save with :func:`ltc.io.save` (main process only)."""
+    """Save with :func:`ltc.save` (main process only)."""
     if not is_main_process():
         return
     from .serialization import save

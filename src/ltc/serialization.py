@@ -153,8 +153,10 @@ def _resize_plain(model: nn.Module, plain: dict[str, dict[str, Any]], root: str,
     modules = dict(model.named_modules())
     new = {}
     for name, rec in plain.items():
+        if not name:  # the model is itself one plain layer: it cannot be replaced; the weight check covers it
+            continue
         mod = modules.get(name)
-        if mod is None or not name:
+        if mod is None:
             raise ValueError(f"{path} records a layer '{name}' that the given {type(model).__name__} does not "
                              f"have; pass an instance of the architecture the file was saved from ({root})")
         if _same_shape(rec, mod):

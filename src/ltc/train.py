@@ -905,7 +905,8 @@ def fit(
     Returns:
         History: one dict per completed epoch (including resumed ones) with keys ``epoch``
         (1-based), ``lr`` (LR used during the epoch), ``train_loss``, ``train_extra_loss``,
-        ``train_acc``, ``val_loss``, ``val_acc`` (``None`` without ``val_loader``) and ``seconds``.
+        ``train_acc``, ``val_loss``, ``val_acc`` (``None`` without ``val_loader``), ``batches`` (the batches this
+        process trained on: a share of the epoch under torch.distributed) and ``seconds``.
 
     Raises:
         NonFiniteLossError: a batch loss or the weights became NaN/inf; the last checkpoint is left as it was.
@@ -1005,6 +1006,7 @@ def fit(
             "train_acc": tr.acc,
             "val_loss": va.loss if va is not None else None,
             "val_acc": va.acc if va is not None else None,
+            "batches": tr.batches,
             "seconds": time.perf_counter() - t0,
         }
         stop = False
