@@ -67,7 +67,7 @@ def machine(**extra: Any) -> dict[str, Any]:
 
 
 def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def git_commit() -> str | None:

@@ -77,22 +77,29 @@ class Row:
         name = self.variant or self.method
         return f"{self.dataset}/{self.model}/{name}/sr{self.target:g}/seed{self.seed}"
 
-    def folder(self, root: Path) -> Path:
-        return root / f"{self.dataset}_{self.model}" / f"{self.variant or self.method}_sr{self.target:g}_s{self.seed}"
+    def folder(self, root: Path, cfg: dict[str, Any]) -> Path:
+        """The run folder: named after the method, target and seed, plus a hash of the resolved compress settings,
+        so that a main row whose defaults equal an ablation row's shares its run instead of repeating it."""
+        import hashlib
+        import json
+
+        digest = hashlib.sha256(json.dumps(cfg["compress"], sort_keys=True, default=str).encode()).hexdigest()[:8]
+        return root / f"{self.dataset}_{self.model}" / f"{self.method}_sr{self.target:g}_s{self.seed}_{digest}"
 
 
 def protocol_rows(ablation: bool = True) -> list[Row]:
+    """The ablation first (seed by seed: every variant's seed 0 before any seed 1), then the methods."""
     rows = []
+    if ablation:
+        d, m, t = HEADLINE
+        for s in range(SEEDS_HEADLINE):
+            rows += [Row(d, m, method, t, s, "ablation", name, over) for name, method, over in ABLATION]
     for dataset, models in MODELS.items():
         for model in models:
             for target in TARGETS:
                 seeds = SEEDS_HEADLINE if (dataset, model, target) == HEADLINE else 1
                 for method in METHODS:
                     rows += [Row(dataset, model, method, target, s) for s in range(seeds)]
-    if ablation:
-        d, m, t = HEADLINE
-        for name, method, over in ABLATION:
-            rows += [Row(d, m, method, t, s, "ablation", name, over) for s in range(SEEDS_HEADLINE)]
     return rows
 
 
@@ -295,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = row_config(row, epochs, base)
         if key not in data_cache:
             data_cache[key] = pipelines.build_data(cfg, base)
-        folder = row.folder(run_root)
+        folder = row.folder(run_root, cfg)
         say(f"\n=== {row.id} -> {folder}")
         t0 = time.perf_counter()
         pipelines.compress_run(copy.deepcopy(cfg), bases[key], folder, resume=True, base=base,
