@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,7 @@ def _hash(tensors: dict[str, torch.Tensor]) -> str:
 
 def _worker(rank: int, init: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
     try:
         torch.manual_seed(0)  # the same initial model in every process
         model = TinyNet()
@@ -88,14 +89,19 @@ def _worker(rank: int, init: str, out_dir: str) -> None:
                 {n: small.get_submodule(n).to_weight().flatten().tolist() for n, r in comp.ranks.items() if r}
             )
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(records))
+        dist.barrier()  # neither process tears the group down while the other may still be in a collective
     finally:
         dist.destroy_process_group()
 
 
 def test_ddp_processes_agree_on_ranks_and_theta(tmp_path):
     init = f"file://{tmp_path / 'rendezvous'}"
-    env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS",)}
+    env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "GLOO_SOCKET_IFNAME")}
     os.environ["OMP_NUM_THREADS"] = "1"
+    # gloo connects the processes over the interface the hostname resolves to, which on some machines is an
+    # external address that is slow or filtered; the loopback interface is always there
+    if Path("/sys/class/net/lo").exists():
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     try:
         mp.spawn(_worker, args=(init, str(tmp_path)), nprocs=WORLD, join=True)
     finally:
