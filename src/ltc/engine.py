@@ -210,7 +210,7 @@ class LCEngine:
         target_sr: budget mode: the whole model's theoretical speed-up (``cost='macs'``), compression
             ratio (``cost='params'``) or predicted latency speed-up (``cost='latency'``) to meet, ≥ 1. λ is found
             exactly each C step (lower convex hull, then a greedy fill of the remaining budget).
-        cost: ``'macs'``, ``'params'`` or ``'latency'`` (needs ``latency_table``, see :mod:`ltc.latency`).
+        cost: ``'macs'``, ``'params'`` or ``'latency'`` (needs ``latency_table``, see :mod:`ltc.latency_table`).
         include / exclude: ``fnmatch`` globs on module names; see :func:`select_layers`.
         compress_linear: also compress ``nn.Linear`` layers by SVD.
         conv_scheme: ``'tucker2'`` (LTC; 1x1 convs get the two-conv SVD scheme) or ``'matrix'`` (LRC).
@@ -230,7 +230,7 @@ class LCEngine:
             ``calibration_images`` calibration inputs, refreshed at every C step).
         calibration: the inputs for ``metric='data'``: a loader of ``(x, y)`` batches or a tensor of inputs.
         damping: the data metric's ``Σ + damping·mean(diag Σ)·I``.
-        latency_table: per-layer measured latencies for ``cost='latency'`` (:class:`ltc.latency.LatencyTable`).
+        latency_table: per-layer measured latencies for ``cost='latency'`` (:class:`ltc.latency_table.LatencyTable`).
     """
 
     def __init__(
@@ -248,7 +248,7 @@ class LCEngine:
             raise ValueError("metric='data' needs calibration inputs: pass calibration=loader (a few hundred "
                              "training images) or metric='weight'")
         if cfg.cost == "latency" and latency_table is None:
-            raise ValueError("cost='latency' needs a latency_table (ltc.latency.LatencyTable.build(model, x)); "
+            raise ValueError("cost='latency' needs a latency_table (ltc.latency_table.LatencyTable.build(model, x)); "
                              "or use cost='macs'")
         self.settings = cfg
         self.model = unwrap(model)
