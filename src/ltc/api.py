@@ -79,9 +79,14 @@ class CompressConfig:
     """Every knob of :func:`compress`, validated here once (the CLI's YAML ``compress:`` section maps onto it
     one to one; JSON-able).
 
-    Rank selection: ``method``; ``lam`` or ``target_sr`` (exactly one for ``ltc`` / ``lrc`` / ``oneshot``;
-    ``target_sr`` or nothing for ``vbmf`` / ``uniform``; ``target_sr`` for ``prune``); ``cost`` ('macs',
-    'params'); layer globs; ``compress_linear``; ``min_rank``; ``rank_multiple`` (ranks multiples of it);
+    Rank selection: ``method``; ``lam``, ``target_sr`` or ``target_speedup`` (exactly one for ``ltc`` / ``lrc`` /
+    ``oneshot``; ``target_sr`` or nothing for ``vbmf`` / ``uniform``; ``target_sr`` for ``prune``); ``cost``
+    ('macs', 'params', or 'latency': a measured per-layer table, :mod:`ltc.latency_table`, on ``latency_runtime``
+    with ``latency_threads`` at ``latency_batch``; default 'latency' with ``target_speedup``, else 'macs');
+    ``target_speedup``: the measured speed-up to reach (the deployed network is timed against the base, BatchNorm
+    folded, and re-targeted while it misses by more than 10 %, at most 3 times; ``Result.speedup`` logs it);
+    layer globs; ``compress_linear``; ``min_rank``; ``rank_multiple`` (ranks multiples of it; default 8 for the
+    latency cost, else 1);
     ``n_iter`` (HOOI sweeps); ``weighting`` and ``metric`` (see :class:`~ltc.engine.LCEngine`; ``metric='data'``
     measures errors on ``calibration_images`` images of the calibration data); ``method_options`` (e.g.
     ``{"weaken": 0.5}`` for vbmf, ``{"fraction": 0.3}`` for uniform, ``{"round_to": 8}`` for prune).
@@ -112,12 +117,13 @@ class CompressConfig:
     method: str = "ltc"
     lam: float | None = None
     target_sr: float | None = None
-    cost: str = "macs"
+    target_speedup: float | None = None
+    cost: str | None = None
     include: list[str] | None = None
     exclude: list[str] | None = None
     compress_linear: bool = False
     min_rank: int = 1
-    rank_multiple: int = 1
+    rank_multiple: int | None = None
     n_iter: int = 0
     weighting: str = "relative"
     metric: str = "weight"
@@ -146,6 +152,9 @@ class CompressConfig:
     finetune_lr: float = 0.01
     label_smoothing: float = 0.0
     grad_clip: float | None = None
+    latency_runtime: str = "eager"
+    latency_threads: int | None = None
+    latency_batch: int = 1
     recalibrate_bn: bool = True
     bn_batches: int | None = None
     kd_weight: float = 0.0
@@ -161,8 +170,21 @@ class CompressConfig:
             self.include = [self.include]
         if isinstance(self.exclude, str):
             self.exclude = [self.exclude]
+        check_number("target_speedup", self.target_speedup, ge=1, optional=True, what="(a measured speed-up)")
+        if self.target_speedup is not None:
+            if self.target_sr is not None:
+                raise ValueError("give target_sr (MAC speed-up) or target_speedup (measured speed-up), not both")
+            if self.cost not in (None, "latency"):
+                raise ValueError(f"target_speedup is a budget on measured latency: it needs cost='latency', got "
+                                 f"cost={self.cost!r}; drop cost, or give target_sr for a MAC budget")
+        if (self.cost == "latency" or self.target_speedup is not None) and method.lam != "required":
+            raise ValueError(f"method {self.method!r} has no latency cost; the measured-latency cost and "
+                             "target_speedup work with ltc, lrc and oneshot")
+        check_choice("latency_runtime", self.latency_runtime, ("eager", "onnxruntime"))
+        check_int("latency_threads", self.latency_threads, ge=1, optional=True)
+        check_int("latency_batch", self.latency_batch, ge=1)
         EngineSettings(**self._engine_values())  # the engine's own checks: one message per bad value everywhere
-        method.check(self.lam, self.target_sr, self.method_options)
+        method.check(self.lam, self._target(), self.method_options)
         if method.name == "prune":
             from .methods.prune import require_torch_pruning
 
@@ -193,7 +215,21 @@ class CompressConfig:
 
     def _engine_values(self) -> dict[str, Any]:
         values = {k: getattr(self, k) for k in _ENGINE_FIELDS if k not in ("mu_growth", "mu_cap")}
+        values.update(target_sr=self._target(), cost=self.resolved_cost(), rank_multiple=self.resolved_rank_multiple())
         return values
+
+    def _target(self) -> float | None:
+        return self.target_speedup if self.target_speedup is not None else self.target_sr
+
+    def resolved_cost(self) -> str:
+        """``cost``, or its default: ``'latency'`` with ``target_speedup``, else ``'macs'``."""
+        return self.cost or ("latency" if self.target_speedup is not None else "macs")
+
+    def resolved_rank_multiple(self) -> int:
+        """``rank_multiple``, or its default: 8 for the latency cost (ranks that run fast), else 1."""
+        if self.rank_multiple is not None:
+            return self.rank_multiple
+        return 8 if self.resolved_cost() == "latency" else 1
 
     def plan(self) -> EpochPlan:
         """The epochs each phase takes (see the class docstring); a ``ValueError`` when they cannot add up."""
@@ -278,6 +314,7 @@ class Result:
     config: dict[str, Any]
     plan: dict[str, int] = field(default_factory=dict)
     w_theta_final: float | None = None
+    speedup: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -328,6 +365,7 @@ class Result:
             "full_ranks": {n: jr(r) for n, r in self.full_ranks.items()},
             "plan": dict(self.plan),
             "w_theta_final": self.w_theta_final,
+            "speedup": dict(self.speedup),
             "history": self.history,
             "log": self.log,
             "config": self.config,
@@ -432,7 +470,8 @@ def compress(
     identity = _identity(cfg, work)
     teacher = _teacher(model, device) if cfg.kd_weight > 0 else None
     base_prof = profile(work, example_input)
-    comp = method.build(work, example_input, calibration=calib, **cfg.engine_kwargs())
+    table = _latency_table(work, example_input, cfg, progress) if cfg.resolved_cost() == "latency" else None
+    comp = method.build(work, example_input, calibration=calib, latency_table=table, **cfg.engine_kwargs())
     if plan.lc_epochs:
         sched = cfg.schedule(_len(train_loader), comp.scale_range)
         comp.set_schedule(**{k: v for k, v in sched.items() if k != "mu_final"})
@@ -476,6 +515,9 @@ def compress(
         lc_done = int(ckpt["extra"].get("lc_epochs_done", plan.lc_epochs))  # type: ignore[index]
 
     # ---------------------------------------------------------------- deploy, re-estimate BatchNorm, fine-tune
+    speed: dict[str, Any] = dict(ckpt["extra"].get("speedup") or {}) if stage == "finetune" else {}  # type: ignore
+    if cfg.target_speedup is not None and stage != "finetune":
+        speed = _meet_speedup(comp, model, example_input, cfg)
     small = comp.compressed_model().to(device)
     if stage == "finetune":
         acc_before = ckpt["extra"].get("acc_before")  # type: ignore[index]
@@ -488,7 +530,7 @@ def compress(
                          nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     fit(small, train_loader, val_loader, epochs=ft_epochs, stage="finetune", resume=stage == "finetune",
         optimizer=opt, scheduler=make_scheduler(opt, "cosine", epochs=max(ft_epochs, 1)), epoch_offset=lc_done,
-        extra_state=(extra({"acc_before": acc_before, "lc_epochs_done": lc_done}), restore),
+        extra_state=(extra({"acc_before": acc_before, "lc_epochs_done": lc_done, "speedup": speed}), restore),
         on_epoch_end=lambda e, row: {"phase": "finetune", "epoch": lc_done + e},  # rows count the whole run
         describe=lambda e: f"fine-tuning epoch {e + 1}/{ft_epochs}", log=log, **common)
     acc = _acc(small, val_loader, device, cfg)
@@ -500,7 +542,8 @@ def compress(
         acc_before_finetune=acc_before, acc=acc, history=history, log=log.rows, config=cfg.to_dict(),
         plan={"lc_steps": plan.lc_steps, "epochs_per_step": plan.epochs_per_step, "lc_epochs": lc_done,
               "finetune": ft_epochs, "total": lc_done + ft_epochs},
-        w_theta_final=history[-1]["distance"] if learned else None, seconds=time.perf_counter() - t_start,
+        w_theta_final=history[-1]["distance"] if learned else None, speedup=speed,
+        seconds=time.perf_counter() - t_start,
     )
 
 
@@ -551,6 +594,53 @@ def _lc_scheduler_kw(cfg: CompressConfig, plan: EpochPlan) -> dict[str, Any]:
         return {"sched_cfg": {"name": "cosine", "epochs": plan.lc_epochs}}
     return {"sched_cfg": {"name": "exp", "gamma": cfg.lr_decay, "epochs": plan.epochs_per_step,
                           "cycle": plan.epochs_per_step}}
+
+
+SPEEDUP_TOLERANCE = 0.10  # a measured speed-up this far from target_speedup triggers a correction
+MAX_CORRECTIONS = 3
+
+
+def _latency_table(model: nn.Module, example_input: Tensor, cfg: CompressConfig, progress: bool) -> Any:
+    """The measured-latency table of the base model on the run's runtime, threads and batch (cached on disk)."""
+    from .latency_table import LatencyTable
+
+    return LatencyTable.build(model, example_input, runtime=cfg.latency_runtime, threads=cfg.latency_threads,
+                              batch=cfg.latency_batch, rank_multiple=cfg.resolved_rank_multiple(),
+                              conv_scheme="matrix" if cfg.method == "lrc" else "tucker2",
+                              progress=progress and is_main_process())
+
+
+def _meet_speedup(comp: Any, base: nn.Module, example_input: Tensor, cfg: CompressConfig) -> dict[str, Any]:
+    """Time the deployed network against the base (interleaved, BatchNorm folded, the table's runtime settings). While
+    the measured speed-up misses ``target_speedup`` by more than 10 %, correct the table's bias: re-target the C step
+    at ``predicted x target / measured`` and re-deploy (at most :data:`MAX_CORRECTIONS` times, stopping when the
+    ranks repeat). The attempt closest to the target is kept. Returns the log of the attempts."""
+    from .latency import compare_latency
+
+    target = float(cfg.target_speedup)  # type: ignore[arg-type]
+    x = example_input[:1].expand(cfg.latency_batch, *example_input.shape[1:]).contiguous().cpu()
+    ref = copy.deepcopy(unwrap(base)).cpu().eval()
+    attempts: list[dict[str, Any]] = []
+    seen: list[dict[str, Any]] = []
+    for i in range(MAX_CORRECTIONS + 1):
+        small = comp.compressed_model().cpu().eval()
+        lat = compare_latency(ref, small, x, threads=cfg.latency_threads, repeats=20, fold_bn=True)
+        attempts.append({"engine_target": comp.target, "predicted": comp.predicted_speedup,
+                         "measured": lat["speedup"], "base_ms": lat["base_ms"], "compressed_ms": lat["compressed_ms"],
+                         "sr": comp.sr})
+        seen.append(dict(comp.ranks))
+        miss = lat["speedup"] / target - 1
+        if abs(miss) <= SPEEDUP_TOLERANCE or i == MAX_CORRECTIONS:
+            break
+        comp.retarget(max(1.0, attempts[-1]["predicted"] * target / lat["speedup"]))
+        if dict(comp.ranks) in seen:  # the grid has no point in between: no progress left
+            break
+    best = min(range(len(attempts)), key=lambda k: abs(attempts[k]["measured"] / target - 1))
+    if dict(comp.ranks) != seen[best]:
+        comp.retarget(attempts[best]["engine_target"])  # the same state and target give the same ranks again
+    chosen = attempts[best]
+    return {"target": target, "predicted": chosen["predicted"], "measured": chosen["measured"],
+            "corrections": len(attempts) - 1, "chosen_attempt": best, "attempts": attempts}
 
 
 def _teacher(model: nn.Module, device: torch.device) -> nn.Module:

@@ -29,7 +29,7 @@ from . import config as cfgmod
 from . import pipelines, runs
 from .cost import format_count, profile
 from .methods import list_methods
-from .settings import METRICS, OPTIMIZERS, SCHEDULES, WEIGHTINGS
+from .settings import COSTS, METRICS, OPTIMIZERS, SCHEDULES, WEIGHTINGS
 from .utils import is_main_process
 
 __all__ = ["main", "build_parser", "SLIDES_FLOPS"]
@@ -161,6 +161,9 @@ def _compress_opts(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
                    help="λ, the weight of the cost term (dimensionless; larger = smaller model)")
         _Flags(mx)("--target-sr", key="compress.target_sr", type=float, metavar="SR",
                    help="budget mode: reach this SR = base MACs / compressed MACs (with --cost params: this CR)")
+        _Flags(mx)("--target-speedup", key="compress.target_speedup", type=float, metavar="X",
+                   help="budget mode on measured latency: reach this speed-up on the clock (a per-layer latency "
+                        "table is measured first; ltc, lrc, oneshot)")
     f("--layers", key="compress.include", action="extend", nargs="+", metavar="GLOB",
       help="compress only layers whose module name matches (fnmatch), e.g. 'layer1.*' conv1 features.0 — the "
            "slides' layer analysis; a glob matching nothing is an error")
@@ -180,7 +183,11 @@ def _compress_opts(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
       help="compare layers' errors relative to their weight norms (default) or in absolute terms (SPEC §3)")
     f("--metric", key="compress.metric", choices=METRICS,
       help="measure each layer's error in weight space (the slides) or on its inputs ('data')")
-    f("--cost", key="compress.cost", choices=("macs", "params"), help="what λ / the budget counts (default macs)")
+    f("--cost", key="compress.cost", choices=COSTS,
+      help="what λ / the budget counts: macs (default), params, or latency (measured per-layer table)")
+    f("--latency-runtime", key="compress.latency_runtime", choices=("eager", "onnxruntime"),
+      help="the runtime the latency table is measured on (default eager PyTorch)")
+    f("--latency-batch", key="compress.latency_batch", type=int, help="batch size of the latency table (default 1)")
     f("--rank-multiple", key="compress.rank_multiple", type=int, help="ranks are multiples of this (default 1)")
     f("--kd-weight", key="compress.kd_weight", type=float,
       help="distil from the base model during L steps and fine-tuning: weight of the KD term in [0, 1]")

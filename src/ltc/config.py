@@ -16,7 +16,7 @@ A config has up to seven top-level sections; every key is optional and falls bac
 Paths (``data.source``, ``model.checkpoint``, ``run.out``, ``run.base``) are relative to the directory
 ``ltc`` runs from. Unknown keys raise ``ValueError`` naming the valid ones, so typos never pass silently.
 Precedence: defaults < config file < command-line flags < ``--set section.key=value`` (value parsed as YAML).
-Setting ``compress.lam`` at a later level clears an earlier ``compress.target_sr`` and vice versa.
+Setting one of ``compress.lam`` / ``target_sr`` / ``target_speedup`` at a later level clears the others.
 Keys left ``null`` are filled at run time: ``compress.device`` / ``compress.seed`` from ``run:``; the data keys
 ``source``, ``image_size``, ``channels``, ``val_fraction`` and ``seed`` from the base run for compress / finetune / eval
 (so the model sees its data sized, normalised and split as in training), from the data itself for train.
@@ -228,10 +228,13 @@ def merge(cfg: dict[str, Any], overrides: Mapping[str, Any], *, where: str = "")
             if key not in spec:
                 raise _unknown(f"{sec} key", str(key), spec, where)
             out[sec][key] = _coerce(spec[key][0], value, f"{where}{sec}.{key}")
-        if sec == "compress":  # λ and a target SR exclude each other: setting one clears the other
-            for key, other in (("lam", "target_sr"), ("target_sr", "lam")):
-                if body.get(key) is not None and other not in body:
-                    out[sec][other] = None
+        if sec == "compress":  # λ and the targets exclude each other: setting one clears the others
+            goals = ("lam", "target_sr", "target_speedup")
+            for key in goals:
+                if body.get(key) is not None:
+                    for other in goals:
+                        if other != key and other not in body:
+                            out[sec][other] = None
     return out
 
 
@@ -336,7 +339,7 @@ def compress_config(cfg: dict[str, Any], *, need_ranks: bool = True) -> Any:
     from .methods import get_method
 
     c = dict(cfg["compress"])
-    if not need_ranks and c.get("lam") is None and c.get("target_sr") is None:
+    if not need_ranks and all(c.get(k) is None for k in ("lam", "target_sr", "target_speedup")):
         c.update({"required": {"lam": 0.0}, "target": {"target_sr": 1.0}}.get(get_method(c["method"]).lam, {}))
     if c.get("device") is None:
         c["device"] = cfg["run"]["device"]

@@ -638,9 +638,11 @@ class LCEngine:
         if floor > budget + 1e-9:
             best = base / (fixed + floor)
             what = {"macs": "SR", "params": "CR", "latency": "speed-up (latency table)"}[kind]
+            where = (f"at its fastest option (rank {self.min_rank} or up, or dense where that is faster)"
+                     if kind == "latency" else f"at min_rank={self.min_rank}")
             raise ValueError(
                 f"target {what} {self.target:g} is out of reach: with every compressed "
-                f"layer at min_rank={self.min_rank} the model reaches {best:.3g}; lower the target, "
+                f"layer {where} the model reaches {best:.3g}; lower the target, "
                 "compress more layers (include/compress_linear) or lower min_rank"
             )
         # Segments (ratio = error drop per added cost) of all hulls; every layer takes its segments in order.
@@ -828,6 +830,17 @@ class LCEngine:
         self.started = self._prepared = bool(state["started"])
         self._ranks_changed = bool(state["ranks_changed"])
         self.history = copy.deepcopy(state["history"])
+
+    def retarget(self, target: float) -> None:
+        """Budget mode: a C step for another target at the current weights and multipliers (no multiplier update, no
+        μ growth), recorded in ``history``. ``ltc.compress`` uses it when the measured speed-up of the deployed
+        network misses ``target_speedup``: the table's prediction is corrected by re-targeting."""
+        if self.target is None:
+            raise ValueError("retarget() needs budget mode (an engine built with target_sr)")
+        check_number("target", target, ge=1)
+        self.start()
+        self.target = float(target)
+        self._c_step()
 
     def assign(self, ranks: dict[str, Rank]) -> None:
         """Set given ranks (``None`` = dense) and project the current weights onto them (in the engine's metric),

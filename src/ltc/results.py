@@ -45,7 +45,8 @@ class RunResult:
 
     ``compress``: ``label``, ``method``, ``lam``, ``target_sr``, ``sr``, ``cr``, ``base`` / ``compressed``
     (``{"macs", "params", "acc"}``; compressed also ``"acc_before_finetune"``), ``ranks`` / ``full_ranks``,
-    ``plan`` (epochs per phase), ``w_theta_final``, ``latency`` (``{"batch1": compare_latency(...)}``),
+    ``plan`` (epochs per phase), ``w_theta_final``, ``speedup`` (with ``target_speedup``: target, predicted and
+    measured speed-up and the corrections), ``latency`` (``{"batch1": compare_latency(...)}``),
     ``history`` (one row per C step), ``log`` (one row per epoch), ``compress_config``, ``base_run``.
     ``finetune``: set by ``ltc finetune`` (``{"from", "epochs", "lr", "acc_before", "history"}``).
     """
@@ -74,6 +75,7 @@ class RunResult:
     full_ranks: dict[str, Any] = field(default_factory=dict)
     plan: dict[str, Any] = field(default_factory=dict)
     w_theta_final: float | None = None
+    speedup: dict[str, Any] = field(default_factory=dict)
     latency: dict[str, Any] = field(default_factory=dict)
     log: list[dict[str, Any]] = field(default_factory=list)
     compress_config: dict[str, Any] = field(default_factory=dict)
