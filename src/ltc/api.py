@@ -624,7 +624,8 @@ def _meet_speedup(comp: Any, base: nn.Module, example_input: Tensor, cfg: Compre
     seen: list[dict[str, Any]] = []
     for i in range(MAX_CORRECTIONS + 1):
         small = comp.compressed_model().cpu().eval()
-        lat = compare_latency(ref, small, x, threads=cfg.latency_threads, repeats=20, fold_bn=True)
+        lat = compare_latency(ref, small, x, threads=cfg.latency_threads, repeats=20, fold_bn=True,
+                              runtime=cfg.latency_runtime)
         attempts.append({"engine_target": comp.target, "predicted": comp.predicted_speedup,
                          "measured": lat["speedup"], "base_ms": lat["base_ms"], "compressed_ms": lat["compressed_ms"],
                          "sr": comp.sr})

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .utils import resolve_device
 
-__all__ = ["LatencyStats", "measure_latency", "compare_latency", "interleaved_latency"]
+__all__ = ["LatencyStats", "measure_latency", "compare_latency", "interleaved_latency", "onnx_session"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,42 @@ class _Timer:
         return (time.perf_counter() - t0) * 1e3
 
 
+class _OrtTimer:
+    """Times one run of a model exported to ONNX in an ONNX Runtime session (CPU)."""
+
+    def __init__(self, model: nn.Module, x: Tensor, threads: int) -> None:
+        self.sess = onnx_session(model, (x.cpu(),), threads)
+        self.feed = {"x0": x.cpu().numpy()}
+
+    def __call__(self) -> float:
+        t0 = time.perf_counter()
+        self.sess.run(None, self.feed)
+        return (time.perf_counter() - t0) * 1e3
+
+
+def onnx_session(module: nn.Module, inputs: tuple[Tensor, ...], threads: int) -> Any:
+    """An ONNX Runtime ``InferenceSession`` (CPU, ``intra_op_num_threads=threads``) of ``module`` exported in
+    memory (opset 17, constants folded; inputs named ``x0, x1, ...``). Needs ``onnxruntime``
+    (``pip install -e ".[export]"``)."""
+    import io
+    import warnings
+
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ImportError('ONNX Runtime timing needs onnxruntime: pip install -e ".[export]"') from None
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), inputs, buf, dynamo=False, opset_version=17, do_constant_folding=True,
+                          input_names=[f"x{i}" for i in range(len(inputs))])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(threads)
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+
+
 @contextlib.contextmanager
 def _prepared(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
     """``model`` on ``device`` in eval mode; the train/eval flags are restored afterwards (the device is not)."""
@@ -139,13 +175,18 @@ def interleaved_latency(
     repeats: int = 30,
     device: str | torch.device = "cpu",
     fold_bn: bool = False,
+    runtime: str = "eager",
 ) -> dict[str, LatencyStats]:
     """Time several models side by side, interleaved run by run (so machine noise hits all of them alike); the
     order rotates every run, so none systematically profits from a warm cache. ``fold_bn``: time eval-mode copies
-    with BatchNorm folded into the preceding convs (:func:`ltc.fold_batchnorm`), as deployed."""
+    with BatchNorm folded into the preceding convs (:func:`ltc.fold_batchnorm`), as deployed. ``runtime``:
+    ``'eager'`` (PyTorch) or ``'onnxruntime'`` (each model exported to ONNX and run by ONNX Runtime on the CPU with
+    ``threads`` intra-op threads)."""
     _check(warmup, repeats)
     if not models:
         raise ValueError("interleaved_latency needs at least one model")
+    if runtime not in ("eager", "onnxruntime"):
+        raise ValueError(f"runtime must be 'eager' or 'onnxruntime', got {runtime!r}")
     dev = resolve_device(device)
     x = example_input.to(dev)
     if fold_bn:
@@ -156,7 +197,12 @@ def interleaved_latency(
     with contextlib.ExitStack() as stack:
         stack.enter_context(_num_threads(threads))
         stack.enter_context(torch.inference_mode())
-        timers = {n: _Timer(stack.enter_context(_prepared(models[n], dev)), x, dev) for n in names}
+        if runtime == "onnxruntime":
+            n_threads = threads or torch.get_num_threads()
+            timers: dict[str, Any] = {n: _OrtTimer(stack.enter_context(_prepared(models[n], torch.device("cpu"))),
+                                                   x, n_threads) for n in names}
+        else:
+            timers = {n: _Timer(stack.enter_context(_prepared(models[n], dev)), x, dev) for n in names}
         for _ in range(int(warmup)):
             for n in names:
                 timers[n]()
@@ -178,6 +224,7 @@ def compare_latency(
     repeats: int = 30,
     device: str | torch.device = "cpu",
     fold_bn: bool = False,
+    runtime: str = "eager",
 ) -> dict[str, Any]:
     """Measure ``base`` and ``compressed`` side by side with :func:`interleaved_latency`.
 
@@ -188,7 +235,7 @@ def compare_latency(
     with _num_threads(threads):
         used_threads = torch.get_num_threads()
         st = interleaved_latency({"base": base, "compressed": compressed}, example_input, warmup=warmup,
-                                 repeats=repeats, device=device, fold_bn=fold_bn)
+                                 repeats=repeats, device=device, fold_bn=fold_bn, runtime=runtime)
     sb, sc = st["base"], st["compressed"]
     return {
         "base_ms": sb.median_ms,
@@ -202,4 +249,5 @@ def compare_latency(
         "repeats": int(repeats),
         "warmup": int(warmup),
         "fold_bn": bool(fold_bn),
+        "runtime": runtime,
     }

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import logging
 import math
@@ -52,7 +51,7 @@ from torch import Tensor, nn
 
 from .batchnorm import fold_batchnorm
 from .cost import LayerGeometry, record_geometry
-from .latency import _num_threads
+from .latency import _num_threads, onnx_session
 from .surgery import unwrap
 from .utils import atomic_write_text, resolve_device
 
@@ -419,27 +418,12 @@ def _median_ms(run: Callable[[], Any], timing: _Timing, sync: bool) -> float:
     return float(statistics.median(times))
 
 
-def _onnx_session(module: nn.Module, inputs: tuple[Tensor, ...], threads: int) -> Any:
-    import onnxruntime as ort
-
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, inputs, buf, dynamo=False, opset_version=17, do_constant_folding=True,
-                          input_names=[f"x{i}" for i in range(len(inputs))])
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
-
-
 def _time_module(module: nn.Module, inputs: tuple[Tensor, ...], timing: _Timing) -> float:
     """Median wall-clock ms of ``module(*inputs)`` (eval mode, ``torch.inference_mode``; ONNX Runtime: the exported
     module in an InferenceSession). The one place where anything is timed (tests replace it)."""
     module = module.eval()
     if timing.runtime == "onnxruntime":
-        sess = _onnx_session(module, inputs, timing.threads)
+        sess = onnx_session(module, inputs, timing.threads)
         feed = {f"x{i}": t.numpy() for i, t in enumerate(inputs)}
         return _median_ms(lambda: sess.run(None, feed), timing, sync=False)
     module = module.to(timing.device)
