@@ -37,7 +37,8 @@ from .surgery import unwrap
 from .train import evaluate, fit, make_optimizer, make_scheduler, read_checkpoint
 from .utils import is_main_process, resolve_device, seed_everything
 
-__all__ = ["CompressConfig", "EpochPlan", "Result", "compress", "full_ranks", "CHECKPOINT_NAME", "MAX_PULL"]
+__all__ = ["CompressConfig", "EpochPlan", "Result", "compress", "full_ranks", "meet_speedup", "CHECKPOINT_NAME",
+           "MAX_PULL"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 WRITER = "ltc.compress"
@@ -517,7 +518,8 @@ def compress(
     # ---------------------------------------------------------------- deploy, re-estimate BatchNorm, fine-tune
     speed: dict[str, Any] = dict(ckpt["extra"].get("speedup") or {}) if stage == "finetune" else {}  # type: ignore
     if cfg.target_speedup is not None and stage != "finetune":
-        speed = _meet_speedup(comp, model, example_input, cfg)
+        speed = meet_speedup(comp, model, example_input, cfg.target_speedup, runtime=cfg.latency_runtime,
+                             threads=cfg.latency_threads, batch=cfg.latency_batch)
     small = comp.compressed_model().to(device)
     if stage == "finetune":
         acc_before = ckpt["extra"].get("acc_before")  # type: ignore[index]
@@ -610,28 +612,30 @@ def _latency_table(model: nn.Module, example_input: Tensor, cfg: CompressConfig,
                               progress=progress and is_main_process())
 
 
-def _meet_speedup(comp: Any, base: nn.Module, example_input: Tensor, cfg: CompressConfig) -> dict[str, Any]:
-    """Time the deployed network against the base (interleaved, BatchNorm folded, the table's runtime settings). While
-    the measured speed-up misses ``target_speedup`` by more than 10 %, correct the table's bias: re-target the C step
-    at ``predicted x target / measured`` and re-deploy (at most :data:`MAX_CORRECTIONS` times, stopping when the
-    ranks repeat). The attempt closest to the target is kept. Returns the log of the attempts."""
+def meet_speedup(comp: Any, base: nn.Module, example_input: Tensor, target: float, *, runtime: str = "eager",
+                 threads: int | None = None, batch: int = 1, repeats: int = 20) -> dict[str, Any]:
+    """Make a budget-mode latency engine's deployed network reach ``target`` measured speed-up over ``base``.
+
+    Times the deployed network against the base (interleaved, BatchNorm folded, ``runtime`` with ``threads`` at
+    ``batch``). While the measured speed-up misses ``target`` by more than 10 %, corrects the table's bias: re-targets
+    the C step at ``predicted x target / measured`` and re-deploys (at most :data:`MAX_CORRECTIONS` times, stopping
+    when the ranks repeat). The attempt closest to the target is kept (the engine is left at it). Returns
+    ``{"target", "predicted", "measured", "corrections", "chosen_attempt", "attempts": [...]}``."""
     from .latency import compare_latency
 
-    target = float(cfg.target_speedup)  # type: ignore[arg-type]
-    x = example_input[:1].expand(cfg.latency_batch, *example_input.shape[1:]).contiguous().cpu()
+    target = float(target)
+    x = example_input[:1].expand(batch, *example_input.shape[1:]).contiguous().cpu()
     ref = copy.deepcopy(unwrap(base)).cpu().eval()
     attempts: list[dict[str, Any]] = []
     seen: list[dict[str, Any]] = []
     for i in range(MAX_CORRECTIONS + 1):
         small = comp.compressed_model().cpu().eval()
-        lat = compare_latency(ref, small, x, threads=cfg.latency_threads, repeats=20, fold_bn=True,
-                              runtime=cfg.latency_runtime)
+        lat = compare_latency(ref, small, x, threads=threads, repeats=repeats, fold_bn=True, runtime=runtime)
         attempts.append({"engine_target": comp.target, "predicted": comp.predicted_speedup,
                          "measured": lat["speedup"], "base_ms": lat["base_ms"], "compressed_ms": lat["compressed_ms"],
                          "sr": comp.sr})
         seen.append(dict(comp.ranks))
-        miss = lat["speedup"] / target - 1
-        if abs(miss) <= SPEEDUP_TOLERANCE or i == MAX_CORRECTIONS:
+        if abs(lat["speedup"] / target - 1) <= SPEEDUP_TOLERANCE or i == MAX_CORRECTIONS:
             break
         comp.retarget(max(1.0, attempts[-1]["predicted"] * target / lat["speedup"]))
         if dict(comp.ranks) in seen:  # the grid has no point in between: no progress left
