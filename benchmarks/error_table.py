@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
-import os
-import platform
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +23,9 @@ from pathlib import Path
 import torch
 
 import ltc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
 
 LIMIT_S = 1.0  # the requirement for the 512x512x3x3 Tucker-2 table
 
@@ -65,35 +64,10 @@ def cases(device: torch.device) -> list[tuple[str, str, Callable[[], object]]]:
 
 
 def machine(device: torch.device) -> dict[str, object]:
-    info: dict[str, object] = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "device": str(device),
-    }
-    try:
-        info["load_average_1m"] = round(os.getloadavg()[0], 2)
-    except OSError:
-        pass
+    extra = {"device": str(device)}
     if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        extra["gpu"] = torch.cuda.get_device_name(device)
+    return C.machine(**extra)
 
 
 def markdown(rows: list[dict[str, object]], meta: dict[str, object]) -> str:
@@ -106,7 +80,7 @@ def markdown(rows: list[dict[str, object]], meta: dict[str, object]) -> str:
         f"- date: {meta['date']}",
         f"- machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']}, "
         f"{m['torch_threads']} torch threads, device {m['device']}"
-        + (f", 1-min load average {m['load_average_1m']}" if "load_average_1m" in m else ""),
+        + (f", 1-min load average {m['load_average_1m_at_start']}" if "load_average_1m_at_start" in m else ""),
         f"- method: one warm-up call, then the median of {meta['repeats']} timed calls",
         "",
         "| function | weight | median (s) | min (s) | max (s) |",
@@ -161,8 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     md = markdown(rows, meta)
     print(md)
-    atomic_write(args.out / "error_table.json", json.dumps({**meta, "results": rows}, indent=2) + "\n")
-    atomic_write(args.out / "error_table.md", md)
+    C.write_results(args.out / "error_table", {**meta, "results": rows}, md)
     print(f"wrote {args.out / 'error_table.json'} and {args.out / 'error_table.md'}")
     return 0 if meta["requirement_met"] else 1
 

@@ -2,10 +2,12 @@
 
     python examples/custom_loop.py
 
-1. ``comp = ltc.LTC(model, example_input, target_sr=3)`` runs the first C step on the reference weights.
+1. ``comp = ltc.LTC(model, example_input, target_sr=3)`` records the layer sizes; ``comp.start()`` runs the first
+   C step on the reference weights (``penalty()`` would run it too).
 2. Your loop adds ``comp.penalty()`` to the loss (the L step); ``comp.step()`` after each L step
    (C step, multiplier update, μ grows).
-3. ``comp.compressed_model()`` returns the network with each conv replaced by three real convs.
+3. ``comp.compressed_model()`` returns the network with each conv replaced by three real convs;
+   ``ltc.recalibrate_batchnorm`` then re-estimates its BatchNorm statistics on training images.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import ltc
-from ltc.data import build, loaders
+from ltc.data import build, calibration_loader, loaders
 from ltc.models import create
 
 
@@ -32,6 +34,7 @@ def main() -> None:
 
     x0 = next(iter(train_dl))[0][:1]
     comp = ltc.LTC(model, x0, target_sr=3.0, mu0=1e-3, mu_growth=1.5)
+    comp.start()
     for step in range(5):
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
         for x, y in train_dl:
@@ -44,6 +47,7 @@ def main() -> None:
               f"|W-Θ|/|W| {comp.distance():.3g}")
 
     small = comp.compressed_model()
+    ltc.recalibrate_batchnorm(small, calibration_loader(bundle))  # statistics of the new layers' outputs
     small.eval()
     correct = sum(int((small(x).argmax(1) == y).sum()) for x, y in val_dl)
     print("ranks:", comp.ranks)

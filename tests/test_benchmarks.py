@@ -10,40 +10,91 @@ import pytest
 import torch
 
 import ltc
+import ltc.runs
 from ltc import models
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+quality = pytest.importorskip("quality")
 latency = pytest.importorskip("latency")
 
+SUMMARY_RUN_KEYS = {"dataset", "model", "width", "method", "target_sr", "seed", "sr", "cr", "acc",
+                    "acc_before_finetune", "epochs", "w_theta_final", "latency_speedup", "seconds", "model_path"}
 
-@pytest.mark.parametrize("method", ["ltc", "lrc"])
-def test_latency_rebuilds_the_quality_runs_architectures_exactly(tmp_path: Path, method: str) -> None:
-    """``latency.py --quality`` times the architecture a quality row deployed, rebuilt from its recorded ranks:
-    same MACs and params as the engine that chose them (so the SR beside each time is the row's SR)."""
+
+def test_quality_protocol_is_the_issue_s() -> None:
+    """The default profile: 6 methods x SR 5 and 10 on 3 (dataset, model) pairs, 3 seeds on the headline, 1
+    elsewhere, every method at the same 15-epoch budget; the ablation first, seed by seed."""
+    rows = quality.protocol_rows()
+    main = [r for r in rows if r.group == "main"]
+    assert {(r.dataset, r.model) for r in main} == {("cifar10", "resnet34_cifar"), ("cifar10", "vgg16_cifar"),
+                                                     ("pneumoniamnist", "resnet34_cifar")}
+    assert {r.method for r in main} == {"ltc", "lrc", "oneshot", "vbmf", "uniform", "prune"}
+    head = [r for r in main if (r.dataset, r.model, r.target) == quality.HEADLINE]
+    assert sorted({r.seed for r in head}) == [0, 1, 2] and len(head) == 18
+    assert len(main) == 18 + 6 * 5 and len({r.id for r in rows}) == len(rows)
+    abl = [r for r in rows if r.group == "ablation"]
+    assert rows[: len(abl)] == abl and [r.seed for r in abl] == sorted(r.seed for r in abl)
+    assert quality.EPOCHS == 15
+
+
+def test_rows_with_equal_settings_share_a_run_folder(tmp_path: Path) -> None:
+    """A main row whose resolved settings equal an ablation row's reuses its run (the folder hashes the settings),
+    and any difference in a setting gives another folder."""
+    base = ltc.runs.LoadedModel(models.create("small_cnn", num_classes=10, in_channels=1), path=tmp_path / "m.pt",
+                                run_dir=None, data={"source": "digits"}, result={}, meta={})
+    a = quality.Row("digits", "small_cnn", "ltc", 2.0, 0, "ablation", "x", {"kd_weight": 0.0})
+    b = quality.Row("digits", "small_cnn", "ltc", 2.0, 0)
+    c = quality.Row("digits", "small_cnn", "ltc", 2.0, 0, "ablation", "y", {"kd_weight": 0.5})
+    fa, fb, fc = (r.folder(tmp_path, quality.row_config(r, 4, base)) for r in (a, b, c))
+    default_kd = ltc.CompressConfig.__dataclass_fields__["kd_weight"].default
+    assert (fa == fb) == (default_kd == 0.0)
+    assert fc != fa and (fc == fb) == (default_kd == 0.5)
+
+
+@pytest.mark.slow
+def test_quality_smoke_writes_the_summary_schema_and_resumes(tmp_path: Path, capsys) -> None:
+    """One smoke row end to end: the summary has the issue's fixed schema, accuracies are fractions, the model file
+    exists; a second run skips the finished row (nothing retrained)."""
+    argv = ["--smoke", "--only", r"/oneshot/", "--out", str(tmp_path), "--threads", "1"]
+    assert quality.main(argv) == 0
+    doc = json.loads((tmp_path / "quality_smoke.json").read_text())
+    assert set(doc) >= {"protocol", "bases", "runs"}
+    assert {"command", "date", "machine", "epoch_budget", "wall_seconds"} <= set(doc["protocol"])
+    (run,) = doc["runs"]
+    assert SUMMARY_RUN_KEYS <= set(run) and run["method"] == "oneshot" and run["epochs"] == 2
+    assert 0.0 <= run["acc"] <= 1.0 and 0.0 <= run["acc_before_finetune"] <= 1.0 and run["w_theta_final"] is None
+    assert Path(run["model_path"]).is_file()
+    assert {"dataset", "model", "width", "train_images", "val_images", "epochs", "val_acc", "val_acc_last10"} <= set(
+        doc["bases"][0])
+    md = (tmp_path / "quality_smoke.md").read_text()
+    assert "Tucker one-shot" in md and "| digits | small_cnn |" in md
+    capsys.readouterr()
+    assert quality.main(argv) == 0
+    assert "=== digits/small_cnn/oneshot" not in capsys.readouterr().out  # finished rows are skipped
+    assert json.loads((tmp_path / "quality_smoke.json").read_text())["runs"] == doc["runs"]
+
+
+def test_decaying_spectrum_gives_the_channel_unfoldings_a_power_law() -> None:
+    """The random full-size weights the latency benchmark times get singular values ~ k^-alpha on both channel
+    unfoldings (times a random core's), so a C step sees structure to allocate by; norms are kept."""
     torch.manual_seed(0)
-    base = models.create("resnet34_cifar", num_classes=10, width=0.0625, in_channels=1)
-    x = torch.randn(1, 1, 28, 28)
-    eng = (ltc.LRC if method == "lrc" else ltc.LTC)(base, x, target_sr=4.0)
-    ranks = {n: list(r) if isinstance(r, tuple) else r for n, r in eng.ranks.items()}
-    doc = {
-        "bases": {"toy/resnet34_cifar": {"model": "resnet34_cifar", "num_classes": 10, "width": 0.0625,
-                                         "in_channels": 1, "image_size": 28}},
-        "rows": [
-            {"kind": "compare", "dataset": "toy", "model": "resnet34_cifar", "method": method, "target_sr": 4.0,
-             "ranks": ranks, "sr": eng.sr, "key": f"compare|toy|resnet34_cifar|{method}|4"},
-            {"kind": "compare", "dataset": "toy", "model": "resnet34_cifar", "method": "uniform", "target_sr": 4.0,
-             "ranks": ranks, "sr": eng.sr, "key": "not selected"},
-        ],
-    }
-    path = tmp_path / "quality.json"
-    path.write_text(json.dumps(doc))
-    groups = latency.quality_groups(str(path), [method], round_to=8)
-    assert len(groups) == 1
-    g = groups[0]
-    assert g.input_shape == (1, 28, 28)
-    assert [v.label for v in g.variants] == [f"{method} SR 4", f"{method} SR 4 r8"]
-    exact, rounded = g.variants
-    prof = ltc.profile(exact.model, x)
-    assert (prof.macs, prof.params) == (eng.macs, eng.params)
-    assert exact.sr == pytest.approx(eng.sr, rel=1e-12)
-    assert rounded.sr <= exact.sr  # rounding ranks up only adds MACs
+    net = torch.nn.Sequential(torch.nn.Conv2d(32, 48, 3))
+    before = net[0].weight.norm().item()
+    latency.decaying_spectrum(net, alpha=1.0)
+    w = net[0].weight.detach()
+    assert w.norm().item() == pytest.approx(before, rel=1e-5)
+    for mode in (0, 1):
+        sv = torch.linalg.svdvals(ltc.unfold(w, mode))
+        assert sv[0] / sv[-1] > 10  # a random Gaussian 48 x 288 unfolding has a ratio near 1.5
+        assert bool((sv[:-1] >= sv[1:]).all())
+
+
+def test_latency_markdown_reports_refusals_and_failures() -> None:
+    doc = {"protocol": {"command": "x", "date": "d", "machine": {"cpu": "c", "cpu_count": 2, "torch": "t"},
+                        "threads": 2, "wall_seconds": 60.0, "onnxruntime": "1"},
+           "cases": [{"model": "m", "runtime": "eager", "batch": 1, "table": {"measured_ops": 3, "build_seconds": 1.0,
+                                                                               "model_ms": 1.0},
+                      "rows": [{"target": 5.0, "refused": "target speed-up 5 is out of reach: ... reaches 1.4"}]},
+                     {"model": "n", "runtime": "onnxruntime", "batch": 1, "error": "RuntimeError: boom"}]}
+    md = latency.markdown(doc)
+    assert "refused: target speed-up 5 is out of reach" in md and "failed: RuntimeError: boom" in md
