@@ -45,9 +45,9 @@ MODELS = {"cifar10": ("resnet34_cifar", "vgg16_cifar"), "pneumoniamnist": ("resn
 DISPLAY = {"ltc": "LTC", "lrc": "LRC", "oneshot": "Tucker one-shot", "vbmf": "Tucker-VBMF (weakened)",
            "uniform": "Tucker uniform", "prune": "Channel pruning (Torch-Pruning)"}
 # The LC recipe's ablation (issue 13), on the headline: the first version's LTC, then one change at a time.
-V1 = {"metric": "weight", "mu_cap": "global", "lc_weight_decay": 5e-4, "lr_schedule": "restart", "min_rank": 1,
-      "kd_weight": 0.0}
-SCHEDULE = {"mu_cap": "layer", "lc_weight_decay": 0.0}
+V1 = {"metric": "weight", "mu_cap": "global", "pull": 5.0, "lc_weight_decay": 5e-4, "lr_schedule": "restart",
+      "min_rank": 1, "kd_weight": 0.0}
+SCHEDULE = {"mu_cap": "layer", "pull": None, "lc_weight_decay": 0.0}  # every layer ends at the stability cap
 ABLATION: list[tuple[str, str, dict[str, Any]]] = [
     ("ltc-v1", "ltc", V1),
     ("ltc+schedule", "ltc", {**V1, **SCHEDULE}),

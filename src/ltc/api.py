@@ -97,12 +97,15 @@ class CompressConfig:
     ``finetune_epochs`` (default 5) after any LC steps. Giving both is allowed only when they agree.
 
     LC schedule: μ grows geometrically from ``mu0`` (first L step) to ``mu_final`` (last L step; with
-    ``steps=1`` the single L step runs at ``mu_final``). ``mu_final=None`` (default) is the μ at which one L
-    step's pull, ``exp(-lr_eff·ρ_k·iterations)`` with ``lr_eff = lr/(1 − momentum)``, closes layer ``k``'s gap
-    ``W − Θ`` by the factor ``e^pull`` in the layer pulled least. ``mu_cap``: ``'layer'`` (default) caps each
-    layer's penalty weight at ``ρ_k ≤ 2/lr_eff`` (stable under SGD) so that layers with large ``w_k`` saturate
-    while the others keep growing; ``'global'`` (the first version of ltc) caps μ itself so that the layer pulled
-    most stays stable, which throttles every other layer; ``'none'``: no cap. ``mu_growth`` overrides the path.
+    ``steps=1`` the single L step runs at ``mu_final``). With ``lr_eff = lr/(1 − momentum)``, one L step pulls layer
+    ``k``'s gap ``W − Θ`` in by ``exp(-lr_eff·ρ_k·iterations)``; ``mu_cap='layer'`` (default) caps each layer's
+    penalty weight at ``ρ_k ≤ 2/lr_eff``, the largest pull SGD follows stably, so that layers with large ``w_k``
+    saturate while the others keep growing (``'global'``, the first version of ltc: μ itself is capped so that the
+    layer pulled most stays stable, which throttles every other layer; ``'none'``: no cap). ``mu_final=None``
+    (default): with ``pull=None`` (default) the layer pulled least reaches the cap in the last L step, so every
+    layer ends pinned to its Tucker-2 projection and the deployed Θ is what training reached; with ``pull=p`` (the
+    first version: 5) the last L step closes the least-pulled layer's gap by ``e^p`` only. ``mu_growth`` overrides
+    the path.
     L steps use learning rate ``lr`` (``lr_schedule``: ``'cosine'`` over all LC epochs, or ``'restart'``: decayed
     by ``lr_decay`` per epoch and restarted each L step, as in the LC paper's scripts) and weight decay
     ``weight_decay`` on all weights except the compressed layers', which get ``lc_weight_decay`` (their regulariser
@@ -139,7 +142,7 @@ class CompressConfig:
     mu_growth: float | None = None
     mu_final: float | None = None
     mu_cap: str = "layer"
-    pull: float = 5.0
+    pull: float | None = None
     tol: float = 1e-3
     skip_converged: bool = True
     optimizer: str = "sgd"
@@ -201,7 +204,7 @@ class CompressConfig:
         check_number("lr_decay", self.lr_decay, gt=0, le=1)
         check_number("mu_growth", self.mu_growth, ge=1, optional=True, what="(μ increases)")
         check_number("mu_final", self.mu_final, gt=0, optional=True)
-        check_number("pull", self.pull, gt=0)
+        check_number("pull", self.pull, gt=0, optional=True)
         check_choice("mu_cap", self.mu_cap, ("layer", "global", "none"))
         check_choice("lr_schedule", self.lr_schedule, ("restart", "cosine"))
         self.optimizer = check_choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -272,7 +275,8 @@ class CompressConfig:
             return {"mu0": mu0, "mu_growth": self.mu_growth, "mu_final": mu_final, "mu_cap": cap}
         mu_final = self.mu_final
         if mu_final is None:
-            mu_final = self.pull / (lr_eff * iters * w_min)
+            # pull=None: every layer ends at the stability cap (the layer pulled least reaches it in the last L step)
+            mu_final = MAX_PULL / (lr_eff * w_min) if self.pull is None else self.pull / (lr_eff * iters * w_min)
             if self.mu_cap == "global":
                 mu_final = min(mu_final, MAX_PULL / (lr_eff * w_max))
         mu_final = max(float(mu_final), self.mu0) if self.steps > 1 else float(mu_final)
