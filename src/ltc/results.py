@@ -10,27 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .utils import atomic_write_text, is_main_process
+from .utils import atomic_write_text, is_main_process, json_safe, read_json
 
 __all__ = ["SCHEMA_VERSION", "RunResult"]
 
 SCHEMA_VERSION = 1
 _REQUIRED = {"train": ("acc", "macs", "params"), "compress": ("method", "base", "compressed")}
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 @dataclass
@@ -95,7 +84,7 @@ class RunResult:
         return cls(kind="compress", **d, **fields)
 
     def to_dict(self) -> dict[str, Any]:
-        return _json_safe(dataclasses.asdict(self))
+        return json_safe(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "result") -> RunResult:
@@ -124,11 +113,4 @@ class RunResult:
     @classmethod
     def read(cls, path: str | Path) -> RunResult:
         """Read a ``result.json``; clear errors for a missing, broken or foreign file."""
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"{p} not found")
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{p} is not valid JSON ({exc}); re-run or delete that run folder") from None
-        return cls.from_dict(data, where=str(p))
+        return cls.from_dict(read_json(path, hint="re-run or delete that run folder"), where=str(path))

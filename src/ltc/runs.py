@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import nn
 
-from .utils import atomic_write_text, is_main_process
+from .utils import atomic_write_text, is_main_process, json_safe, read_json
 
 __all__ = [
     "CONFIG_NAME",
@@ -104,17 +104,7 @@ def write_json(path: str | Path, obj: Any) -> None:
     """Atomically write ``obj`` as indented JSON (main process only; NaN written as null-safe strings)."""
     if not is_main_process():
         return
-    atomic_write_text(path, json.dumps(_json_safe(obj), indent=2, default=str) + "\n")
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    return obj
+    atomic_write_text(path, json.dumps(json_safe(obj), indent=2, default=str) + "\n")
 
 
 def write_rows_csv(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -138,7 +128,7 @@ def save_model(model: nn.Module, path: str | Path, meta: dict[str, Any] | None =
         return
     from .serialization import save
 
-    save(model, path, meta=_json_safe(meta or {}))
+    save(model, path, meta=json_safe(meta or {}))
 
 
 def prepare_out(out: str | Path, *, resume: bool, overwrite: bool, what: str = "run") -> Path:
@@ -170,20 +160,6 @@ def remove_tree(path: str | Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------- reading
-
-
-def read_json(path: str | Path) -> dict[str, Any]:
-    """Read a JSON object; clear errors for a missing or broken file."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p} not found")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{p} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{p} holds a JSON {type(data).__name__}, expected an object")
-    return data
 
 
 class LoadedModel:

@@ -40,6 +40,7 @@ from .utils import (
     atomic_write_text,
     get_rng_state,
     is_main_process,
+    json_safe,
     resolve_device,
     seed_everything,
     set_rng_state,
@@ -416,6 +417,12 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def _bar(loader: Iterable[Any], total: int | None, desc: str, progress: bool) -> Any:
+    """A tqdm bar over the batches, shown on the main process only when ``progress``."""
+    return tqdm(loader, total=total, desc=desc, disable=not progress or not is_main_process(), leave=False,
+                dynamic_ncols=True)
+
+
 def _current_lr(optimizer: Optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
 
@@ -478,14 +485,7 @@ def train_one_epoch(
     n_class_samples = 0
     correct = torch.zeros((), dtype=torch.int64, device=dev)
     total_batches = len(loader) if isinstance(loader, Sized) else None
-    bar = tqdm(
-        loader,
-        total=total_batches,
-        desc=desc,
-        disable=not progress or not is_main_process(),
-        leave=False,
-        dynamic_ncols=True,
-    )
+    bar = _bar(loader, total_batches, desc, progress)
     where = f"epoch {epoch}, " if epoch is not None else ""
     try:
         for i, batch in enumerate(bar):
@@ -591,14 +591,7 @@ def evaluate(
     total_batches = len(loader) if isinstance(loader, Sized) else None
     try:
         with torch.no_grad():
-            bar = tqdm(
-                loader,
-                total=total_batches,
-                desc=desc,
-                disable=not progress or not is_main_process(),
-                leave=False,
-                dynamic_ncols=True,
-            )
+            bar = _bar(loader, total_batches, desc, progress)
             for batch in bar:
                 inputs, targets = _split_batch(batch)
                 inputs = _to_device(inputs, dev, channels_last)
@@ -642,17 +635,6 @@ def _plain(v: Any) -> Any:
         return {str(k): _plain(x) for k, x in v.items()}
     if isinstance(v, list | tuple):
         return [_plain(x) for x in v]
-    return v
-
-
-def _json_safe(v: Any) -> Any:
-    v = _plain(v)
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _json_safe(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_json_safe(x) for x in v]
     return v
 
 
@@ -717,7 +699,7 @@ class RunLog:
         """Append one row (a flat dict of numbers/strings) to both files."""
         if not is_main_process():
             return
-        row = _json_safe(row)
+        row = json_safe(row)
         with self.jsonl_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         fields = self._fields()

@@ -289,3 +289,39 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device {str(dev)!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     return dev
+
+
+def read_json(path: str | os.PathLike[str], hint: str = "") -> dict[str, Any]:
+    """Read a JSON object; a ``FileNotFoundError`` or a ``ValueError`` naming the file (and ``hint``) otherwise."""
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} not found")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{p} is not valid JSON ({exc}){'; ' + hint if hint else ''}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{p} holds a JSON {type(data).__name__}, expected an object{'; ' + hint if hint else ''}")
+    return data
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with numpy / 0-d torch scalars as Python numbers, tuples as lists, dict keys as strings, and NaN / inf
+    as ``None`` (strict JSON), recursively."""
+    import math
+
+    import numpy as np
+
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        obj = obj.item()
+    elif isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
