@@ -48,12 +48,17 @@ DISPLAY = {"ltc": "LTC", "lrc": "LRC", "oneshot": "Tucker one-shot", "vbmf": "Tu
 V1 = {"metric": "weight", "mu_cap": "global", "pull": 5.0, "lc_weight_decay": 5e-4, "lr_schedule": "restart",
       "min_rank": 1, "kd_weight": 0.0}
 SCHEDULE = {"mu_cap": "layer", "pull": None, "lc_weight_decay": 0.0}  # every layer ends at the stability cap
+# With 10 LC steps the converging path pins W to Θ from step 5 on and leaves 5 fine-tuning epochs; measured on seed 0
+# (72.90 % against v1's 74.44 %), so the rows after it split the budget 5 LC steps + 10 fine-tuning epochs.
+SHORT = {"steps": 5}
 ABLATION: list[tuple[str, str, dict[str, Any]]] = [
     ("ltc-v1", "ltc", V1),
     ("ltc+schedule", "ltc", {**V1, **SCHEDULE}),
-    ("ltc+schedule+data", "ltc", {**V1, **SCHEDULE, "metric": "data"}),
-    ("ltc+schedule+data+floor", "ltc", {**V1, **SCHEDULE, "metric": "data", "min_rank": 2}),
-    ("ltc+schedule+data+floor+kd", "ltc", {**V1, **SCHEDULE, "metric": "data", "min_rank": 2, "kd_weight": 0.5}),
+    ("ltc+schedule/5", "ltc", {**V1, **SCHEDULE, **SHORT}),
+    ("ltc+schedule/5+data", "ltc", {**V1, **SCHEDULE, **SHORT, "metric": "data"}),
+    ("ltc+schedule/5+data+floor", "ltc", {**V1, **SCHEDULE, **SHORT, "metric": "data", "min_rank": 2}),
+    ("ltc+schedule/5+data+floor+kd", "ltc", {**V1, **SCHEDULE, **SHORT, "metric": "data", "min_rank": 2,
+                                              "kd_weight": 0.5}),
     ("oneshot-weight", "oneshot", {"metric": "weight", "min_rank": 1, "kd_weight": 0.0}),
     ("oneshot-data", "oneshot", {"metric": "data", "min_rank": 1, "kd_weight": 0.0}),
     ("oneshot-data+floor+kd", "oneshot", {"metric": "data", "min_rank": 2, "kd_weight": 0.5}),
