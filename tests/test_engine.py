@@ -141,9 +141,10 @@ def _right(x: np.ndarray, m: np.ndarray, mode: str) -> np.ndarray:
     return np.einsum("tsab,sr->trab", x, m)
 
 
-def _input_moments(model: nn.Module, data: torch.Tensor, names, matrix_convs: bool) -> dict[str, np.ndarray]:
-    """``E[x xᵀ]`` of each layer's input features (pixels' channel vectors, unfolded patches, or rows), float64,
-    by our own hooks."""
+def _input_moments(model: nn.Module, data: torch.Tensor, names, matrix_convs: bool,
+                   centered: bool = True) -> dict[str, np.ndarray]:
+    """The covariance (``centered``, the engine's default) or ``E[x xᵀ]`` of each layer's input features (pixels'
+    channel vectors, unfolded patches, or rows), float64, by our own hooks."""
     mods = dict(model.named_modules())
     rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
 
@@ -169,6 +170,8 @@ def _input_moments(model: nn.Module, data: torch.Tensor, names, matrix_convs: bo
     out = {}
     for n, rs in rows.items():
         r = np.concatenate(rs)
+        if centered:
+            r = r - r.mean(0)
         out[n] = r.T @ r / r.shape[0]
     return out
 
@@ -181,9 +184,10 @@ def _whitening(sigma: np.ndarray, damping: float) -> np.ndarray:
     return np.linalg.cholesky(s)
 
 
-def _data_metric(model: nn.Module, data: torch.Tensor, names, matrix_convs: bool, damping: float = 0.01):
+def _data_metric(model: nn.Module, data: torch.Tensor, names, matrix_convs: bool, damping: float = 0.01,
+                 centered: bool = True):
     """``{layer: L}`` of the data metric on ``data``."""
-    return {n: _whitening(s, damping) for n, s in _input_moments(model, data, names, matrix_convs).items()}
+    return {n: _whitening(s, damping) for n, s in _input_moments(model, data, names, matrix_convs, centered).items()}
 
 
 def _options(mod: nn.Module, shp, z: np.ndarray, min_rank: int, matrix_convs: bool, multiple: int = 1,
@@ -1083,7 +1087,8 @@ def test_assign_projects_the_given_ranks_and_runs_no_c_step(metric):
 
 
 # --------------------------------------------------------------------------------------------- 11. data metric
-def _identity_moments(model: nn.Module, layers: dict[str, str], data, images: int = 512) -> dict[str, torch.Tensor]:
+def _identity_moments(model: nn.Module, layers: dict[str, str], data, images: int = 512,
+                      centered: bool = True) -> dict[str, torch.Tensor]:
     """A stand-in for ``collect_input_moments`` whose Σ is a multiple of I for every layer."""
     mods = dict(model.named_modules())
     out = {}
@@ -1281,12 +1286,14 @@ def _output_rows(y: torch.Tensor) -> torch.Tensor:
     stride=st.integers(1, 2),
     padding=st.integers(0, 1),
     seed=st.integers(0, 2**20),
+    centered=st.booleans(),
 )
-def test_data_metric_error_table_is_the_measured_output_error(kind, s, t, k, stride, padding, seed):
+def test_data_metric_error_table_is_the_measured_output_error(kind, s, t, k, stride, padding, seed, centered):
     """For a linear, a 1x1 conv and (matrix scheme, patch metric) a kxk conv, with no damping: every entry of
     the error table is the mean squared output error of the deployed layer at that rank on the calibration
     inputs (strided and padded convs included), up to the metric's normalisation ``mean(diag Σ)``; assign()
-    records the same error."""
+    records the same error. ``centered`` (the default): the error of the outputs about their mean, i.e. what is
+    left once BatchNorm re-estimation has removed the output's mean shift."""
     model = _one_layer(kind, s, t, k, stride, padding, seed)
     layer = model[0]
     g = torch.Generator().manual_seed(seed)
@@ -1295,11 +1302,13 @@ def test_data_metric_error_table_is_the_measured_output_error(kind, s, t, k, str
                      torch.randn(s, s, generator=g, dtype=torch.float64) + 2 * torch.eye(s, dtype=torch.float64))
     x = x + torch.randn(s, generator=g, dtype=torch.float64).reshape((1, s) + (1,) * (x.dim() - 2))
     comp = LCEngine(model, x[:2], lam=0.0, conv_scheme="matrix", compress_linear=True, metric="data",
-                    calibration=x, damping=0.0, weighting="absolute")
+                    calibration=x, damping=0.0, weighting="absolute", centered=centered)
     comp.prepare()
     st_ = comp.layers["0"]
     assert st_.whitening.mode == ("patch" if kind == "kxk" else "channel")
     rows = _features(layer, x)
+    if centered:
+        rows = rows - rows.mean(0)
     scale = float(rows.square().sum(1).mean()) / rows.shape[1]  # mean(diag Σ)
     table = comp.candidates(st_, st_.to_metric(layer.weight.detach()))
     with torch.no_grad():
@@ -1313,6 +1322,8 @@ def test_data_metric_error_table_is_the_measured_output_error(kind, s, t, k, str
         assert st_.err == pytest.approx(float(table.err[i]), rel=1e-9, abs=1e-12 * energy)
         with torch.no_grad():
             diff = _output_rows(comp.compressed_model()[0](x) - y)
+        if centered:
+            diff = diff - diff.mean(0)
         measured = float(diff.square().sum(1).mean())
         assert measured == pytest.approx(scale * float(table.err[i]), rel=1e-7, abs=1e-10 * energy), rank
 
@@ -1335,7 +1346,8 @@ def test_tucker2_data_metric_is_exact_when_pixels_are_independent(s, t, k, seed)
     pos = torch.randint(k - 1, hw - k + 1, (n, 2), generator=g)
     for i in range(n):
         x[i, :, pos[i, 0], pos[i, 1]] = v[i]
-    comp = ltc.LTC(model, x[:1], lam=0.0, metric="data", calibration=x, damping=0.0, weighting="absolute")
+    comp = ltc.LTC(model, x[:1], lam=0.0, metric="data", calibration=x, damping=0.0, weighting="absolute",
+                   centered=False)
     comp.prepare()
     st_ = comp.layers["0"]
     assert st_.scheme.name == "tucker2" and st_.whitening.mode == "channel"

@@ -89,7 +89,8 @@ class CompressConfig:
     layer globs; ``compress_linear``; ``min_rank``; ``rank_multiple`` (ranks multiples of it; default 8 for the
     latency cost, else 1);
     ``n_iter`` (HOOI sweeps); ``weighting`` and ``metric`` (see :class:`~ltc.engine.LCEngine`; ``metric='data'``
-    measures errors on ``calibration_images`` images of the calibration data); ``method_options`` (e.g.
+    measures errors on ``calibration_images`` images of the calibration data, on their covariance with
+    ``centered``, damped by ``damping``); ``method_options`` (e.g.
     ``{"weaken": 0.5}`` for vbmf, ``{"fraction": 0.3}`` for uniform, ``{"round_to": 8}`` for prune).
 
     Epoch budget: ``epochs`` is the whole budget; the learning methods spend ``steps x epochs_per_step`` of it in
@@ -133,6 +134,7 @@ class CompressConfig:
     metric: str = "weight"
     calibration_images: int = 512
     damping: float = 0.01
+    centered: bool = True
     method_options: dict[str, Any] = field(default_factory=dict)
     epochs: int | None = None
     steps: int = 10

@@ -1,10 +1,11 @@
 """How the C step measures a layer's approximation error: the engine's pluggable metrics.
 
 * ``weight`` (the slides): ``‖W − Θ‖²`` in weight space.
-* ``data``: ``‖(W − Θ) ×_in L‖²`` with ``Σ = L Lᵀ`` the (damped) second moment of the layer's inputs, estimated
-  with forward hooks on a few hundred calibration images. It is what the layer's output loses on those inputs:
-  exactly for 1x1 convs, linears and the matrix (LRC) scheme's patch covariance; for a kh x kw conv under
-  Tucker-2 the channel covariance ignores correlations between neighbouring pixels (spatial independence).
+* ``data``: ``‖(W − Θ) ×_in L‖²`` with ``Σ = L Lᵀ`` the (damped) covariance of the layer's inputs (or their
+  uncentred second moment), estimated with forward hooks on a few hundred calibration images. It is what the
+  layer's output loses on those inputs, its mean shift aside (BatchNorm re-estimation corrects that): exactly for
+  1x1 convs, linears and the matrix (LRC) scheme's patch covariance; for a kh x kw conv under Tucker-2 the channel
+  covariance ignores correlations between neighbouring pixels (spatial independence).
 
 A metric is a per-layer :class:`Whitening` (or ``None`` for the weight metric): the engine takes the Tucker-2 /
 SVD projection and its exact error table of ``Z ×_in L`` and maps ``Θ`` back with ``×_in L⁻¹``, so the deployed
@@ -105,21 +106,23 @@ def input_batches(data: Any, images: int) -> Iterator[Tensor]:
 
 @torch.no_grad()
 def collect_input_moments(
-    model: nn.Module, layers: dict[str, str], data: Any, images: int = 512
+    model: nn.Module, layers: dict[str, str], data: Any, images: int = 512, *, centered: bool = False
 ) -> dict[str, Tensor]:
-    """``{name: Σ}``: the uncentred second moment ``E[x xᵀ]`` (float64, ``(d, d)``) of each named layer's input
-    features, over the first ``images`` samples of ``data``. ``layers`` maps module names to ``'channel'`` /
-    ``'patch'`` (see :class:`Whitening`). The model runs in eval mode (BatchNorm uses its running statistics and
-    is not updated); every module's train/eval flag is restored afterwards."""
+    """``{name: Σ}``: the second moment ``E[x xᵀ]`` (float64, ``(d, d)``) of each named layer's input features, or
+    with ``centered`` their covariance ``E[(x − E x)(x − E x)ᵀ]``, over the first ``images`` samples of ``data``.
+    ``layers`` maps module names to ``'channel'`` / ``'patch'`` (see :class:`Whitening`). The model runs in eval mode
+    (BatchNorm uses its running statistics and is not updated); every module's train/eval flag is restored."""
     modules = dict(model.named_modules())
     sums: dict[str, Tensor] = {}
+    means: dict[str, Tensor] = {}
     counts: dict[str, int] = {n: 0 for n in layers}
 
     def hook(name: str, mode: str) -> Any:
         def fn(mod: nn.Module, inputs: tuple[Any, ...], _out: Any) -> None:
             rows = _features(mod, inputs[0].detach(), mode)
-            acc = rows.T @ rows
+            acc, tot = rows.T @ rows, rows.sum(0)
             sums[name] = acc if name not in sums else sums[name] + acc
+            means[name] = tot if name not in means else means[name] + tot
             counts[name] += rows.shape[0]
 
         return fn
@@ -139,7 +142,14 @@ def collect_input_moments(
     missing = [n for n in layers if counts[n] == 0]
     if missing:
         raise ValueError(f"layers {missing[:5]} were not called by the forward pass of the calibration data")
-    return {n: sums[n] / counts[n] for n in layers}
+    out = {}
+    for n in layers:
+        m2 = sums[n] / counts[n]
+        if centered:
+            mu = means[n] / counts[n]
+            m2 = m2 - torch.outer(mu, mu)
+        out[n] = m2
+    return out
 
 
 def whitening_from_moment(sigma: Tensor, mode: str, damping: float = 0.01) -> Whitening:
