@@ -55,14 +55,18 @@ ABLATION: list[tuple[str, str, dict[str, Any]]] = [
     ("ltc-v1", "ltc", V1),
     ("ltc+schedule", "ltc", {**V1, **SCHEDULE}),
     ("ltc+schedule/5", "ltc", {**V1, **SCHEDULE, **SHORT}),
-    ("ltc+schedule/5+data", "ltc", {**V1, **SCHEDULE, **SHORT, "metric": "data"}),
-    ("ltc+schedule/5+data+floor", "ltc", {**V1, **SCHEDULE, **SHORT, "metric": "data", "min_rank": 2}),
-    ("ltc+schedule/5+data+floor+kd", "ltc", {**V1, **SCHEDULE, **SHORT, "metric": "data", "min_rank": 2,
-                                              "kd_weight": 0.5}),
+    ("ltc+schedule/5+data(uncentered)", "ltc", {**V1, **SCHEDULE, **SHORT, "metric": "data", "centered": False}),
+    ("ltc+schedule/5+data", "ltc", {**V1, **SCHEDULE, **SHORT, "metric": "data", "centered": True}),
+    ("ltc+schedule/5+data+floor", "ltc", {**V1, **SCHEDULE, **SHORT, "metric": "data", "centered": True,
+                                           "min_rank": 2}),
+    ("ltc+schedule/5+data+floor+kd", "ltc", {**V1, **SCHEDULE, **SHORT, "metric": "data", "centered": True,
+                                              "min_rank": 2, "kd_weight": 0.5}),
     ("oneshot-weight", "oneshot", {"metric": "weight", "min_rank": 1, "kd_weight": 0.0}),
-    ("oneshot-data", "oneshot", {"metric": "data", "min_rank": 1, "kd_weight": 0.0}),
-    ("oneshot-data+floor+kd", "oneshot", {"metric": "data", "min_rank": 2, "kd_weight": 0.5}),
+    ("oneshot-data", "oneshot", {"metric": "data", "centered": True, "min_rank": 1, "kd_weight": 0.0}),
+    ("oneshot-data+floor+kd", "oneshot", {"metric": "data", "centered": True, "min_rank": 2, "kd_weight": 0.5}),
 ]
+# rows that only explain a choice: seed 0 only (the uncentred data metric lost to the centred one; see ltc.engine)
+SEED0_ONLY = {"ltc+schedule/5+data(uncentered)", "ltc+schedule"}
 OUT_RUNS = C.REPO / "runs" / "quality"
 
 
@@ -97,7 +101,8 @@ def protocol_rows(ablation: bool = True) -> list[Row]:
     PneumoniaMNIST, the other CIFAR-10 targets and models, then the ablation's other seeds."""
     d0, m0, t0 = HEADLINE
     abl = [Row(d0, m0, method, t0, s, "ablation", name, over)
-           for s in range(SEEDS_HEADLINE) for name, method, over in ABLATION] if ablation else []
+           for s in range(SEEDS_HEADLINE) for name, method, over in ABLATION
+           if s == 0 or name not in SEED0_ONLY] if ablation else []
     main = []
     for dataset, models in MODELS.items():
         for model in models:
