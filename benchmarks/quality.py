@@ -61,12 +61,16 @@ ABLATION: list[tuple[str, str, dict[str, Any]]] = [
                                            "min_rank": 2}),
     ("ltc+schedule/5+data+floor+kd", "ltc", {**V1, **SCHEDULE, **SHORT, "metric": "data", "centered": True,
                                               "min_rank": 2, "kd_weight": 0.5}),
+    ("ltc+schedule/5+data+floor4+kd", "ltc", {**V1, **SCHEDULE, **SHORT, "metric": "data", "centered": True,
+                                               "min_rank": 4, "kd_weight": 0.5}),
     ("oneshot-weight", "oneshot", {"metric": "weight", "min_rank": 1, "kd_weight": 0.0}),
     ("oneshot-data", "oneshot", {"metric": "data", "centered": True, "min_rank": 1, "kd_weight": 0.0}),
     ("oneshot-data+floor+kd", "oneshot", {"metric": "data", "centered": True, "min_rank": 2, "kd_weight": 0.5}),
+    ("oneshot-data+floor4+kd", "oneshot", {"metric": "data", "centered": True, "min_rank": 4, "kd_weight": 0.5}),
 ]
 # rows that only explain a choice: seed 0 only (the uncentred data metric lost to the centred one; see ltc.engine)
-SEED0_ONLY = {"ltc+schedule/5+data(uncentered)", "ltc+schedule"}
+SEED0_ONLY = {"ltc+schedule/5+data(uncentered)", "ltc+schedule", "ltc+schedule/5+data+floor4+kd",
+              "oneshot-data+floor4+kd"}
 OUT_RUNS = C.REPO / "runs" / "quality"
 
 
