@@ -46,7 +46,7 @@ DISPLAY = {"ltc": "LTC", "lrc": "LRC", "oneshot": "Tucker one-shot", "vbmf": "Tu
            "uniform": "Tucker uniform", "prune": "Channel pruning (Torch-Pruning)"}
 # The LC recipe's ablation (issue 13), on the headline: the first version's LTC, then one change at a time.
 V1 = {"metric": "weight", "mu_cap": "global", "pull": 5.0, "lc_weight_decay": 5e-4, "lr_schedule": "restart",
-      "min_rank": 1, "kd_weight": 0.0}
+      "min_rank": 1, "kd_weight": 0.0, "steps": 10}
 SCHEDULE = {"mu_cap": "layer", "pull": None, "lc_weight_decay": 0.0}  # every layer ends at the stability cap
 # With 10 LC steps the converging path pins W to Θ from step 5 on and leaves 5 fine-tuning epochs; measured on seed 0
 # (72.90 % against v1's 74.44 %), so the rows after it split the budget 5 LC steps + 10 fine-tuning epochs.
@@ -63,7 +63,9 @@ ABLATION: list[tuple[str, str, dict[str, Any]]] = [
                                               "min_rank": 2, "kd_weight": 0.5}),
     ("ltc+schedule/5+data+floor4+kd", "ltc", {**V1, **SCHEDULE, **SHORT, "metric": "data", "centered": True,
                                                "min_rank": 4, "kd_weight": 0.5}),
-    ("oneshot-weight", "oneshot", {"metric": "weight", "min_rank": 1, "kd_weight": 0.0}),
+    # steps / lc_weight_decay do nothing for one-shot; pinned to the values this row ran with (its run folder's hash)
+    ("oneshot-weight", "oneshot", {"metric": "weight", "min_rank": 1, "kd_weight": 0.0, "steps": 10,
+                                   "lc_weight_decay": 5e-4}),
     ("oneshot-data", "oneshot", {"metric": "data", "centered": True, "min_rank": 1, "kd_weight": 0.0}),
     ("oneshot-data+floor+kd", "oneshot", {"metric": "data", "centered": True, "min_rank": 2, "kd_weight": 0.5}),
     ("oneshot-data+floor4+kd", "oneshot", {"metric": "data", "centered": True, "min_rank": 4, "kd_weight": 0.5}),

@@ -373,13 +373,22 @@ def test_weights_turning_nan_after_a_finite_last_loss_are_never_checkpointed(tmp
     """One batch per epoch and a huge lr: the loss of every batch is finite, but its step blows the weights up.
     compress used to checkpoint those NaN weights (and the C step ran on them); now it stops first."""
     with pytest.raises(NonFiniteLossError, match=r"^L step [23]/3, epoch 1/1: the weights became NaN/inf") as info:
-        compress(small(), DataLoader(TRAIN, batch_size=64), checkpoint_dir=tmp_path, **{**QUICK, "lr": 1e6})
+        compress(small(), DataLoader(TRAIN, batch_size=64), checkpoint_dir=tmp_path,
+                 **{**QUICK, "lr": 1e6, "metric": "weight"})
     assert "although every batch loss was finite" in str(info.value) and "a lower learning rate" in str(info.value)
     failed_step = int(str(info.value)[len("L step ")])
     state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
     assert state["epoch"] == failed_step - 1 and all_finite(state["model"])
     layers = state["extra"]["compression"]["layers"].values()
     assert all(all_finite({"t": s["theta"], "p": s["phi"]}) for s in layers)
+
+    # with the data metric the C step runs the network: huge but finite weights overflow its activations first
+    data_dir = tmp_path / "data"
+    with pytest.raises(FloatingPointError, match=r"^C step [1-3]: layer '.+' sees NaN/inf inputs on the calibration"):
+        compress(small(), DataLoader(TRAIN, batch_size=64), checkpoint_dir=data_dir,
+                 **{**QUICK, "lr": 1e6, "metric": "data"})
+    state = torch.load(data_dir / CHECKPOINT_NAME, weights_only=True)
+    assert all_finite(state["model"]) and temp_files(data_dir) == []
 
     # the same in fine-tuning
     ft_dir = tmp_path / "ft"
@@ -408,7 +417,7 @@ BAD_SETTINGS = [
     ({"lam": -1.0, "target_sr": None}, "lam must be a finite number >= 0, got -1.0"),
     ({"lam": float("nan"), "target_sr": None}, "lam must be a finite number >= 0, got nan"),
     ({"target_sr": 0.5}, "target_sr must be a finite number >= 1 (a speed-up), got 0.5"),
-    ({"target_sr": 1e4}, "target SR 10000 is out of reach: with every compressed layer at min_rank=1"),
+    ({"target_sr": 1e4}, "target SR 10000 is out of reach: with every compressed layer at min_rank=2"),
     ({"min_rank": 0}, "min_rank must be an int >= 1, got 0"),
     ({"min_rank": 64}, "target SR 2 is out of reach: with every compressed layer at min_rank=64 the model reaches 1"),
     ({"mu0": 0.0}, "mu0 must be a finite number > 0, got 0.0"),

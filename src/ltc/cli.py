@@ -170,7 +170,7 @@ def _compress_opts(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     f("--exclude", key="compress.exclude", action="extend", nargs="+", metavar="GLOB", help="leave these dense")
     f("--epochs", key="compress.epochs", type=int,
       help="the whole epoch budget: LC steps then fine-tuning for ltc/lrc, fine-tuning for the others")
-    f("--steps", key="compress.steps", type=int, help="LC steps (C steps) (default 10)")
+    f("--steps", key="compress.steps", type=int, help="LC steps (C steps) (default 5)")
     f("--epochs-per-step", key="compress.epochs_per_step", type=int, help="epochs of each L step (default 1)")
     f("--finetune-epochs", key="compress.finetune_epochs", type=int,
       help="fine-tuning epochs, ranks fixed (default: what --epochs leaves, else 5)")
@@ -182,7 +182,7 @@ def _compress_opts(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     f("--weighting", key="compress.weighting", choices=WEIGHTINGS,
       help="compare layers' errors relative to their weight norms (default) or in absolute terms (SPEC §3)")
     f("--metric", key="compress.metric", choices=METRICS,
-      help="measure each layer's error in weight space (the slides) or on its inputs ('data')")
+      help="measure each layer's error on its inputs ('data', default) or in weight space (the slides)")
     f("--cost", key="compress.cost", choices=COSTS,
       help="what λ / the budget counts: macs (default), params, or latency (measured per-layer table)")
     f("--latency-runtime", key="compress.latency_runtime", choices=("eager", "onnxruntime"),
@@ -190,11 +190,12 @@ def _compress_opts(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     f("--latency-batch", key="compress.latency_batch", type=int, help="batch size of the latency table (default 1)")
     f("--rank-multiple", key="compress.rank_multiple", type=int, help="ranks are multiples of this (default 1)")
     f("--kd-weight", key="compress.kd_weight", type=float,
-      help="distil from the base model during L steps and fine-tuning: weight of the KD term in [0, 1]")
+      help="distil from the base model during L steps and fine-tuning: weight of the KD term in [0, 1] "
+           "(default 0.5; 0 turns it off)")
     f("--kd-temperature", key="compress.kd_temperature", type=float, help="distillation temperature (default 4)")
     f("--compress-linear", key="compress.compress_linear", action="store_true",
       help="also compress nn.Linear layers by SVD (the slides keep them dense)")
-    f("--min-rank", key="compress.min_rank", type=int, help="smallest rank per axis (default 1)")
+    f("--min-rank", key="compress.min_rank", type=int, help="smallest rank per axis (default 2)")
     f("--label", key="run.label", metavar="TEXT", help="the run's name in tables (default: method and λ / SR)")
     f("--no-plots", key="run.plots", action="store_const", const=False,
       help="skip the per-run rank-distribution and trajectory figures (ltc plot draws them later)")

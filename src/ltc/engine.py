@@ -352,6 +352,11 @@ class LCEngine:
         moments = collect_input_moments(self.model, modes, self.calibration, self.settings.calibration_images,
                                         centered=self.settings.centered)
         for n, s in self.layers.items():
+            if not bool(torch.isfinite(moments[n]).all()):
+                raise FloatingPointError(
+                    f"C step {len(self.history) + 1}: layer {n!r} sees NaN/inf inputs on the calibration images (the "
+                    "network's activations overflow although its weights are finite); lower the learning rate, or "
+                    "use metric='weight', which does not run the network")
             wh = whitening_from_moment(moments[n], modes[n], self.settings.damping)
             s.whitening = wh.to(s.weight.device)
         if _is_distributed():
