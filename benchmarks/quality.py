@@ -169,6 +169,35 @@ def _num(v: float | None, fmt: str = ".2f") -> str:
     return "—" if v is None else format(v, fmt)
 
 
+def metric_distance(r: Any) -> float | None:
+    """``‖W − Θ‖/‖W‖`` at the last C step measured in the C step's metric (the data metric's whitened space; equal to
+    ``w_theta_final`` with ``metric='weight'``); ``None`` for one-shot methods."""
+    hist = r.history or []
+    if not hist or r.w_theta_final is None:
+        return None
+    last = hist[-1]
+    return last["distance_metric"] if last.get("distance_metric") is not None else last.get("distance")
+
+
+def _commands(protocol: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every invocation that added runs to the summary (the protocol runs in pieces: ``--only``, resumed runs)."""
+    if "commands" in protocol:
+        return list(protocol["commands"])
+    return ([{"command": protocol["command"], "date": protocol.get("date"), "commit": protocol.get("commit")}]
+            if protocol.get("command") else [])
+
+
+def refresh(doc: dict[str, Any]) -> None:
+    """Re-derive the fields a later version of this script adds from each finished run's own result.json."""
+    from ltc.results import RunResult
+
+    for rec in doc["runs"]:
+        path = Path(rec["model_path"])
+        folder = (path if path.is_absolute() else C.REPO / path).parent
+        if (folder / "result.json").is_file():
+            rec["w_theta_final_metric"] = metric_distance(RunResult.read(folder / "result.json"))
+
+
 def run_record(row: Row, folder: Path) -> dict[str, Any]:
     """The summary's row for a finished run folder."""
     from ltc.results import RunResult
@@ -180,7 +209,8 @@ def run_record(row: Row, folder: Path) -> dict[str, Any]:
         "width": WIDTH, "method": row.method, "target_sr": row.target, "seed": row.seed, "sr": r.sr, "cr": r.cr,
         "acc": (r.compressed or {}).get("acc"), "acc_before_finetune": (r.compressed or {}).get("acc_before_finetune"),
         "base_acc": (r.base or {}).get("acc"), "epochs": (r.plan or {}).get("total"), "plan": r.plan,
-        "w_theta_final": r.w_theta_final, "latency_speedup": lat.get("speedup"), "seconds": r.seconds,
+        "w_theta_final": r.w_theta_final, "w_theta_final_metric": metric_distance(r),
+        "latency_speedup": lat.get("speedup"), "seconds": r.seconds,
         "settings": {k: r.compress_config.get(k) for k in ("metric", "min_rank", "kd_weight", "mu_cap",
                                                            "lc_weight_decay", "lr_schedule", "steps")},
         "model_path": str((folder / "model.pt").relative_to(C.REPO)) if folder.is_relative_to(C.REPO)
@@ -191,14 +221,18 @@ def run_record(row: Row, folder: Path) -> dict[str, Any]:
 def markdown(doc: dict[str, Any]) -> str:
     p = doc["protocol"]
     lines = ["# Quality benchmark: every method at equal SR and epochs", "",
-             f"Command: `{p['command']}`. Date: {p['date']}. Machine: {p['machine']['cpu']}, "
-             f"{p['machine']['cpu_count']} cores, torch {p['machine']['torch']}. Commit {p.get('commit')}.",
+             f"Last command: `{p['command']}`. Date: {p['date']}. Machine: {p['machine']['cpu']}, "
+             f"{p['machine']['cpu_count']} cores, torch {p['machine']['torch']}. Commit {p.get('commit')}. "
+             "The runs were added by: " + "; ".join(f"`{c['command']}` ({c.get('date')}, {c.get('commit')})"
+                                                    for c in _commands(p)) + ".",
              f"Epoch budget {p['epoch_budget']} per method; measured wall time so far "
              f"{p['wall_seconds'] / 3600:.2f} h ({len(doc['runs'])} runs finished).", "",
              "Accuracies are validation top-1 (%), mean ± sd over seeds where there are several; 'before FT': right "
              "after deployment with BatchNorm re-estimated. SR / CR theoretical (MACs / params); 'speed-up': "
              "measured CPU batch-1 latency ratio, BatchNorm folded, 2 threads, interleaved with the base (taken while "
-             "the benchmark trains: noisy). ‖W−Θ‖/‖W‖: at the last C step (learning methods).", "",
+             "the benchmark trains: noisy). ‖W−Θ‖/‖W‖: at the last C step (learning methods), in weight space and "
+             "in the C step's metric (with metric='data' the whitened space the penalty pulls in; the same number with "
+             "metric='weight').", "",
              "## Bases", "", "| dataset | model | width | train / val images | epochs | val acc | last 10 epochs |",
              "|---|---|---:|---|---:|---:|---|"]
     for b in doc["bases"]:
@@ -212,12 +246,17 @@ def markdown(doc: dict[str, Any]) -> str:
     for (dataset, model, target, group), runs in sorted(groups.items(), key=lambda kv: (kv[0][3], kv[0][:3])):
         title = "Ablation of the LC recipe" if group == "ablation" else "Methods"
         lines += ["", f"## {title}: {dataset} / {model} / target SR {target:g}", "",
-                  "| method | seeds | acc | before FT | SR | CR | speed-up | ‖W−Θ‖/‖W‖ | epochs | minutes |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| method | seeds | acc | before FT | SR | CR | speed-up | ‖W−Θ‖/‖W‖ | in the metric | epochs "
+                  "| minutes |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         by: dict[str, list[dict[str, Any]]] = {}
         for r in runs:
             by.setdefault(r["variant"] or r["method"], []).append(r)
-        order = sorted(by, key=lambda k: -(_mean_sd([r["acc"] for r in by[k]])[0] or 0))
+        if group == "ablation":  # one change at a time, in the order they were made
+            names = [name for name, _m, _o in ABLATION]
+            order = sorted(by, key=lambda k: names.index(k) if k in names else len(names))
+        else:
+            order = sorted(by, key=lambda k: -(_mean_sd([r["acc"] for r in by[k]])[0] or 0))
         for k in order:
             rs = by[k]
             acc, sd = _mean_sd([r["acc"] for r in rs])
@@ -227,6 +266,7 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"{_num(_mean_sd([r['sr'] for r in rs])[0])} | {_num(_mean_sd([r['cr'] for r in rs])[0])} | "
                 f"{_num(_mean_sd([r['latency_speedup'] for r in rs])[0])} | "
                 f"{_num(_mean_sd([r['w_theta_final'] for r in rs])[0], '.3f')} | "
+                f"{_num(_mean_sd([r.get('w_theta_final_metric') for r in rs])[0], '.3f')} | "
                 f"{rs[0]['epochs']} | {_num(_mean_sd([r['seconds'] / 60 for r in rs])[0], '.1f')} |")
     figs = doc.get("figures") or []
     if figs:
@@ -261,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="results stem folder (default benchmarks/results)")
     ap.add_argument("--runs", type=Path, help="where the run folders go (default runs/quality)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--refresh", action="store_true",
+                    help="re-derive every finished row's added fields from its run folder, rewrite the summary, exit")
     args = ap.parse_args(argv)
 
     import torch
@@ -288,9 +330,15 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             print(("done  " if r.id in done_ids else "todo  ") + r.id)
         return 0
+    if args.refresh:
+        refresh(doc)
+        C.write_results(stem, doc, markdown(doc))
+        return 0
     doc["protocol"] = {
         **doc.get("protocol", {}),
         "command": C.command_line(), "date": C.now(), "machine": C.machine(), "commit": C.git_commit(),
+        "commands": [*_commands(doc.get("protocol", {})),
+                     {"command": C.command_line(), "date": C.now(), "commit": C.git_commit()}],
         "epoch_budget": epochs, "targets": list(TARGETS), "methods": list(METHODS), "width": WIDTH,
         "headline": {"dataset": HEADLINE[0], "model": HEADLINE[1], "target_sr": HEADLINE[2],
                      "seeds": SEEDS_HEADLINE},

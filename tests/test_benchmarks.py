@@ -101,3 +101,21 @@ def test_latency_markdown_reports_refusals_and_failures() -> None:
                      {"model": "n", "runtime": "onnxruntime", "batch": 1, "error": "RuntimeError: boom"}]}
     md = latency.markdown(doc)
     assert "refused: target speed-up 5 is out of reach" in md and "failed: RuntimeError: boom" in md
+
+
+def test_quality_summary_keeps_every_command_and_the_metric_distance() -> None:
+    """A summary written before the command list existed keeps its one command first; the metric-space distance
+    falls back to the weight-space one for metric='weight' and is absent for one-shot methods."""
+    old = {"command": "python benchmarks/quality.py --only a", "date": "d0", "commit": "c0"}
+    assert quality._commands(old) == [{"command": old["command"], "date": "d0", "commit": "c0"}]
+    assert quality._commands({}) == []
+    later = {**old, "commands": [{"command": "x"}, {"command": "y"}]}
+    assert [c["command"] for c in quality._commands(later)] == ["x", "y"]
+
+    class R:
+        def __init__(self, hist: list[dict], w: float | None) -> None:
+            self.history, self.w_theta_final = hist, w
+
+    assert quality.metric_distance(R([{"distance": 0.3, "distance_metric": 0.1}], 0.3)) == 0.1
+    assert quality.metric_distance(R([{"distance": 0.3, "distance_metric": None}], 0.3)) == 0.3
+    assert quality.metric_distance(R([], None)) is None
