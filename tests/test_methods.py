@@ -22,6 +22,7 @@ from torch import nn
 import ltc
 from ltc import models
 from ltc.methods import get_method, list_methods
+from ltc.methods.base import ratio_of
 from ltc.methods.prune import require_torch_pruning
 from ltc.vbmf import evbmf, vbmf_tucker2_ranks
 
@@ -731,13 +732,32 @@ def test_vbmf_target_is_the_largest_weakening_that_meets_it(planted, frac):
         assert eng.ranks == full
 
 
-def test_vbmf_target_beyond_own_ranks_keeps_them_and_warns(planted, caplog):
+@pytest.mark.parametrize("factor", [1.2, 1.5, 2.5])
+def test_vbmf_target_beyond_own_ranks_shrinks_them_by_the_least_common_fraction(planted, caplog, factor):
+    """EVBMF's ranks give SR s < target: every rank moves toward min_rank by one common fraction, the least that
+    meets the target (brute force over every fraction at which some rank steps)."""
     net, x = planted
-    own = get_method("vbmf").build(net, x)
-    with caplog.at_level(logging.WARNING, logger="ltc"):
-        eng = get_method("vbmf").build(net, x, target_sr=own.sr * 1.5)
-    assert eng.ranks == own.ranks
-    assert "short of the target" in caplog.text
+    own_eng = get_method("vbmf").build(net, x)
+    target = own_eng.sr * factor
+    with caplog.at_level(logging.INFO, logger="ltc"):
+        eng = get_method("vbmf").build(net, x, target_sr=target, min_rank=2)
+    assert "short of the target" in caplog.text and eng.sr >= target
+    own = own_vbmf_ranks(net, eng.layers)
+
+    def shrunk(v: float) -> dict:
+        out = {}
+        for n, r in own.items():
+            new = [ri if ri <= 2 else 2 + math.floor(v * (ri - 2) + 0.5) for ri in np.atleast_1d(r).tolist()]
+            out[n] = tuple(new) if isinstance(r, tuple) else new[0]
+        return out
+
+    steps = sorted({(k - 0.5) / (ri - 2) for r in own.values() for ri in np.atleast_1d(r).tolist() if ri > 2
+                    for k in range(1, ri - 1)})
+    feasible = [v for v in [0.0, *steps] if ratio_of(eng, shrunk(v + 1e-9)) >= target]
+    assert feasible, "even the floor misses the target"
+    assert eng.ranks == shrunk(feasible[-1] + 1e-9)
+    assert all(lo <= hi for n in own for lo, hi in zip(np.atleast_1d(eng.ranks[n]), np.atleast_1d(own[n]),
+                                                        strict=True))
 
 
 @pytest.mark.parametrize("weaken", [-0.1, 1.5])

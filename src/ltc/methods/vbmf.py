@@ -1,8 +1,10 @@
 """`vbmf`: Tucker-2 ranks from EVBMF of the two channel unfoldings (Kim et al., ICLR 2016).
 
 Options: ``weaken`` in [0, 1] moves every rank toward full (``r + round(weaken·(full − r))``, halves up). With a
-``target_sr`` and no ``weaken``, the largest weakening that still meets the target is used (if EVBMF's own
-ranks already fall short of the target, they are kept and a warning is logged).
+``target_sr`` and no ``weaken``, the largest weakening that still meets the target is used. If EVBMF's own ranks
+already fall short of the target, every rank is instead shrunk toward ``min_rank`` by one common fraction
+(``m + round(x·(r − m))``, the largest ``x`` in [0, 1] that meets it; logged), so that vbmf is compared at the
+target SR like every other method.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ log = logging.getLogger("ltc")
 def _weakened(r: int, full: int, weaken: float) -> int:
     # halves round up, as in vbmf_tucker2_ranks (Python's round() would round them to even)
     return min(full, max(1, r + math.floor(weaken * (full - r) + 0.5)))
+
+
+def _shrunk(r: int, floor: int, x: float) -> int:
+    # x = 1: EVBMF's own rank; x = 0: the floor (ranks already at or below it stay)
+    return r if r <= floor else floor + math.floor(x * (r - floor) + 0.5)
 
 
 @register_method("vbmf", learns=False, lam="never", options=("weaken",),
@@ -57,7 +64,15 @@ def build(model: Model, example_input: Example, *, weaken: float | None = None, 
     engine.assign(own)
     ratio = engine.sr if engine.cost_kind == "macs" else engine.cr
     if ratio < target:
-        log.warning("ltc: EVBMF's own ranks give %.3g, short of the target %.3g; keeping them", ratio, target)
+        floor = engine.min_rank
+
+        def shrunk(x: float) -> dict[str, Any]:
+            return {n: tuple(_shrunk(v, floor, x) for v in r) if isinstance(r, tuple) else _shrunk(r, floor, x)
+                    for n, r in own.items()}
+
+        x = meet_target(engine, target, shrunk)
+        log.info("ltc: EVBMF's own ranks give %.3g, short of the target %.3g; shrunk toward min_rank=%d by %.3f",
+                 ratio, target, floor, 1.0 - x)
         return engine
     x = meet_target(engine, target, ranks_at)
     log.info("ltc: vbmf weakened by %.3f to meet the target %.3g", x, target)
