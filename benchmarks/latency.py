@@ -181,7 +181,9 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = ["# Real speed: the measured-latency cost against MAC cost", "",
              f"Command: `{p['command']}`. Date: {p['date']}. Machine: {p['machine']['cpu']}, "
              f"{p['machine']['cpu_count']} cores, torch {p['machine']['torch']}, onnxruntime {p.get('onnxruntime')}; "
-             f"{p['threads']} threads. Commit {p.get('commit')}. Wall time {p['wall_seconds'] / 60:.1f} min.", "",
+             f"{p['threads']} threads. Commit {p.get('commit')}. Wall time {p['wall_seconds'] / 60:.1f} min."
+             + "".join(f" Cases kept from `{e['command']}` ({e['date']}, commit {e['commit']}, "
+                       f"{(e['wall_seconds'] or 0) / 60:.1f} min)." for e in p.get("earlier", [])), "",
              "Each speed-up is measured with the base and the compressed network interleaved in one run (BatchNorm "
              "folded); 'latency cost': one LTC C step on the measured table (ranks multiples of 8, dense fallback), "
              "re-targeted while the measured speed-up missed by more than 10 %; 'MAC cost': LTC with MAC cost (ranks "
@@ -226,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--append", action="store_true",
+                    help="keep the cases already in the results file and run only the missing (model, runtime, batch)")
     args = ap.parse_args(argv)
 
     import torch
@@ -244,10 +248,20 @@ def main(argv: list[str] | None = None) -> int:
     doc: dict[str, Any] = {"protocol": {"command": C.command_line(), "date": C.now(), "machine": C.machine(),
                                         "commit": C.git_commit(), "threads": args.threads, "onnxruntime": ort_version,
                                         "targets": args.targets, "wall_seconds": 0.0}, "cases": []}
-    t0 = time.perf_counter()
     jobs = [(m, r, b) for m in args.models for r in args.runtimes for b in args.batches]
     if CIFAR in args.models and args.cifar_batch:
         jobs += [(CIFAR, r, args.cifar_batch) for r in args.runtimes if args.cifar_batch not in args.batches]
+    if args.append and stem.with_suffix(".json").is_file():
+        import json
+
+        old = json.loads(stem.with_suffix(".json").read_text())
+        doc["cases"] = [c for c in old["cases"] if "error" not in c]
+        done = {(c["model"], c["runtime"], c["batch"]) for c in doc["cases"]}
+        jobs = [j for j in jobs if j not in done]
+        prev = old["protocol"]
+        doc["protocol"]["earlier"] = [*prev.get("earlier", []),
+                                      {k: prev.get(k) for k in ("command", "date", "commit", "wall_seconds")}]
+    t0 = time.perf_counter()
     for name, runtime, batch in jobs:
         try:
             case = run_case(name, runtime, batch, args.threads, tuple(args.targets), args.repeats, print)
