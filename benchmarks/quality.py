@@ -42,7 +42,7 @@ SEEDS_HEADLINE = 3
 WIDTH = 0.25
 METHODS = ("ltc", "lrc", "oneshot", "vbmf", "uniform", "prune")
 MODELS = {"cifar10": ("resnet34_cifar", "vgg16_cifar"), "pneumoniamnist": ("resnet34_cifar",)}
-DISPLAY = {"ltc": "LTC", "lrc": "LRC", "oneshot": "Tucker one-shot", "vbmf": "Tucker-VBMF (weakened)",
+DISPLAY = {"ltc": "LTC", "lrc": "LRC", "oneshot": "Tucker one-shot", "vbmf": "Tucker-VBMF (to the target)",
            "uniform": "Tucker uniform", "prune": "Channel pruning (Torch-Pruning)"}
 # The LC recipe's ablation (issue 13), on the headline: the first version's LTC, then one change at a time.
 V1 = {"metric": "weight", "mu_cap": "global", "pull": 5.0, "lc_weight_decay": 5e-4, "lr_schedule": "restart",
