@@ -146,9 +146,15 @@ def assignment_engine(model: Model, example_input: Example, eng: dict[str, Any])
     return LTC(model, example_input, lam=0.0, **eng), target
 
 
-def meet_target(engine: LCEngine, target: float, ranks_at: Callable[[float], dict[str, Any]]) -> float:
+def meet_target(
+    engine: LCEngine, target: float, ranks_at: Callable[[float], dict[str, Any]], *, fill: bool = False
+) -> float:
     """Assign ``ranks_at(x)`` for the largest ``x`` in [0, 1] whose ranks still meet ``target`` (SR for
-    ``cost='macs'``, CR for ``cost='params'``); ranks grow with ``x``. Returns that ``x``."""
+    ``cost='macs'``, CR for ``cost='params'``); ranks grow with ``x``. Returns that ``x``.
+
+    ``fill=True`` then spends what is left of the budget: the layers whose ranks step up just above ``x`` (with
+    channel counts that share factors, many step together, and the ratio can land far above the target) are moved
+    to that next step one at a time, the cheapest first, as long as the target still holds."""
 
     def feasible(x: float) -> bool:
         return ratio_of(engine, ranks_at(x)) >= target
@@ -159,7 +165,21 @@ def meet_target(engine: LCEngine, target: float, ranks_at: Callable[[float], dic
             f"{ratio_of(engine, ranks_at(0.0)):.3g}"
         )
     x = bisect_largest(feasible)
-    engine.assign(ranks_at(x))
+    ranks = ranks_at(x)
+    if fill and x < 1.0:
+        nxt = ranks_at(min(1.0, x + 2.0**-36))  # past the bisection's bracket (2^-40), before any other step
+        macs = engine.cost_kind != "params"
+
+        def cost(name: str, r: Any) -> int:
+            p, m = engine.layers[name].scheme.cost(engine.layers[name].geometry, r)
+            return int(m if macs else p)
+
+        ups = sorted((cost(n, nxt[n]) - cost(n, ranks[n]), n) for n in ranks if nxt[n] != ranks[n])
+        for _, n in ups:
+            trial = {**ranks, n: nxt[n]}
+            if ratio_of(engine, trial) >= target:
+                ranks = trial
+    engine.assign(ranks)
     return x
 
 

@@ -2,7 +2,9 @@
 
 Options: ``fraction`` in (0, 1] (rank = ceil(fraction·full) on each axis) or ``energy`` in (0, 1] (per layer,
 the cheapest rank keeping that fraction of ‖W‖²). With a ``target_sr`` and neither option, the largest
-single fraction that meets the target is found by bisection.
+single fraction that meets the target is found by bisection, and the layers that would step up next take that
+step one at a time, cheapest first, while the target holds (one fraction alone overshoots: at width 0.25 with
+``min_rank=2``, ResNet-34's ranks for target SR 10 give SR 12.1, with this fill 10.1).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def build(
     elif fraction is not None or target is None:
         engine.assign(ranks_at(fraction if fraction is not None else 0.5))
     else:
-        meet_target(engine, target, ranks_at)
+        meet_target(engine, target, ranks_at, fill=True)
     return engine
 
 
