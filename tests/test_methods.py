@@ -206,6 +206,13 @@ def test_registry_names_learning_flags_and_unknown_names():
         ("prune", 0.1, 2.0, {}, "method 'prune' picks its ranks without λ"),
         ("prune", None, 2.0, {"fraction": 0.3},
          "method 'prune' takes only the options 'round_to', 'global_pruning', not ['fraction']"),
+        # option values, checked with the settings (before a base is trained), the same message as build's
+        ("uniform", None, 2.0, {"fraction": 0.0}, "fraction must lie in (0, 1], got 0.0"),
+        ("uniform", None, None, {"energy": "0.9"}, "energy must lie in (0, 1], got '0.9'"),
+        ("uniform", None, None, {"fraction": 0.5, "energy": 0.9}, "give at most one of fraction and energy"),
+        ("vbmf", None, None, {"weaken": 1.5}, "weaken must lie in [0, 1], got 1.5"),
+        ("prune", None, 2.0, {"round_to": 0}, "round_to must be an int >= 1, got 0"),
+        ("prune", None, 2.0, {"global_pruning": "yes"}, "global_pruning must be true or false, got 'yes'"),
     ],
 )
 def test_method_rules_come_from_check_and_compress_config_alike(name, lam, target, options, message):

@@ -419,7 +419,8 @@ BAD_SETTINGS = [
     ({"target_sr": 0.5}, "target_sr must be a finite number >= 1 (a speed-up), got 0.5"),
     ({"target_sr": 1e4}, "target SR 10000 is out of reach: with every compressed layer at min_rank=2"),
     ({"min_rank": 0}, "min_rank must be an int >= 1, got 0"),
-    ({"min_rank": 64}, "target SR 2 is out of reach: with every compressed layer at min_rank=64 the model reaches 1"),
+    ({"min_rank": 64}, "target SR 2 is out of reach: with every compressed layer at min_rank=64 the model "
+                       "reaches 1.00; lower the target"),
     ({"mu0": 0.0}, "mu0 must be a finite number > 0, got 0.0"),
     ({"mu_growth": 0.9}, "mu_growth must be a finite number >= 1 (μ increases), got 0.9"),
     ({"mu_final": -1.0}, "mu_final must be a finite number > 0, got -1.0"),

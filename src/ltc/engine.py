@@ -653,7 +653,7 @@ class LCEngine:
                      if kind == "latency" else f"at min_rank={self.min_rank}")
             raise ValueError(
                 f"target {what} {self.target:g} is out of reach: with every compressed "
-                f"layer {where} the model reaches {best:.3g}; lower the target, "
+                f"layer {where} the model reaches {best:.2f}; lower the target, "
                 "compress more layers (include/compress_linear) or lower min_rank"
             )
         # Segments (ratio = error drop per added cost) of all hulls; every layer takes its segments in order.

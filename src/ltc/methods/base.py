@@ -57,7 +57,8 @@ class Method:
     ``learns``: it runs LC steps (L step + C step) before fine-tuning; otherwise its ranks are final once built
     and the whole epoch budget goes to fine-tuning. ``lam``: ``'required'`` (exactly one of ``lam`` and
     ``target_sr``), ``'never'`` (ranks by its own rule; ``target_sr`` optional), or ``'target'`` (``target_sr``
-    required, no λ). ``options``: the names of its own options (``method_options``).
+    required, no λ). ``options``: the names of its own options (``method_options``); ``check_options`` raises
+    ``ValueError`` on a bad option value (called with the settings, before anything trains, and by ``build``).
     """
 
     name: str
@@ -66,6 +67,7 @@ class Method:
     summary: str
     lam: str = "required"
     options: tuple[str, ...] = ()
+    check_options: Callable[[dict[str, Any]], None] | None = None
 
     def check(self, lam: Any, target_sr: Any, options: dict[str, Any]) -> None:
         """The method's rules on λ, the target and its options; the same ``ValueError`` from every entry point."""
@@ -82,17 +84,21 @@ class Method:
         if unknown:
             allowed = f"only the options {', '.join(repr(o) for o in self.options)}" if self.options else "no options"
             raise ValueError(f"method {self.name!r} takes {allowed}, not {unknown}")
+        if self.check_options is not None:
+            self.check_options(options)
 
 
 _METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, *, learns: bool, summary: str, lam: str = "required",
-                    options: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Method]:
+                    options: tuple[str, ...] = (),
+                    check_options: Callable[[dict[str, Any]], None] | None = None,
+                    ) -> Callable[[Callable[..., Any]], Method]:
     def deco(fn: Callable[..., Any]) -> Method:
         if name in _METHODS:
             raise ValueError(f"method {name!r} is already registered")
-        m = Method(name, learns, fn, summary, lam, options)
+        m = Method(name, learns, fn, summary, lam, options, check_options)
         _METHODS[name] = m
         return m
 

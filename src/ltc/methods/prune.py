@@ -58,8 +58,7 @@ class ChannelPruning:
                  round_to: int | None = None, global_pruning: bool = True) -> None:
         if cost not in ("macs", "params"):
             raise ValueError(f"method 'prune' supports cost 'macs' or 'params', got {cost!r}")
-        if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
-            raise ValueError(f"round_to must be an int >= 1, got {round_to!r}")
+        check_options({"round_to": round_to, "global_pruning": global_pruning})
         self.tp = require_torch_pruning()
         self.model = unwrap(model)
         self.example = example_input
@@ -183,7 +182,17 @@ class ChannelPruning:
         self.history = list(state["history"])
 
 
+def check_options(options: dict[str, Any]) -> None:
+    """``round_to``: an int >= 1 (channel counts kept at its multiples); ``global_pruning``: a bool."""
+    round_to = options.get("round_to")
+    if round_to is not None and (not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1):
+        raise ValueError(f"round_to must be an int >= 1, got {round_to!r}")
+    if not isinstance(options.get("global_pruning", True), bool):
+        raise ValueError(f"global_pruning must be true or false, got {options['global_pruning']!r}")
+
+
 @register_method("prune", learns=False, lam="target", options=("round_to", "global_pruning"),
+                 check_options=check_options,
                  summary="Torch-Pruning L2 channel pruning to the target (optional dependency)")
 def build(model: Model, example_input: Example, *, target_sr: float | None = None, cost: str = "macs",
           include: Any = None, exclude: Any = None, compress_linear: bool = False, round_to: int | None = None,

@@ -18,7 +18,17 @@ from ..engine import LCEngine
 from .base import Example, Model, assignment_engine, meet_target, register_method
 
 
-@register_method("uniform", learns=False, lam="never", options=("fraction", "energy"),
+def check_options(options: dict[str, Any]) -> None:
+    """``fraction`` and ``energy``: at most one, each in (0, 1]."""
+    fraction, energy = options.get("fraction"), options.get("energy")
+    if fraction is not None and energy is not None:
+        raise ValueError("give at most one of fraction and energy")
+    for label, v in (("fraction", fraction), ("energy", energy)):
+        if v is not None and not (isinstance(v, int | float) and 0.0 < v <= 1.0):
+            raise ValueError(f"{label} must lie in (0, 1], got {v!r}")
+
+
+@register_method("uniform", learns=False, lam="never", options=("fraction", "energy"), check_options=check_options,
                  summary="one rank fraction or energy threshold for all layers")
 def build(
     model: Model,
@@ -29,11 +39,7 @@ def build(
     **kwargs: Any,
 ) -> LCEngine:
     eng = kwargs
-    if fraction is not None and energy is not None:
-        raise ValueError("give at most one of fraction and energy")
-    for label, v in (("fraction", fraction), ("energy", energy)):
-        if v is not None and not 0.0 < v <= 1.0:
-            raise ValueError(f"{label} must lie in (0, 1], got {v}")
+    check_options({"fraction": fraction, "energy": energy})
     engine, target = assignment_engine(model, example_input, eng)
     fulls = {}
     for name, s in engine.layers.items():

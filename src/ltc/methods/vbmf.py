@@ -30,12 +30,18 @@ def _shrunk(r: int, floor: int, x: float) -> int:
     return r if r <= floor else floor + math.floor(x * (r - floor) + 0.5)
 
 
-@register_method("vbmf", learns=False, lam="never", options=("weaken",),
+def check_options(options: dict[str, Any]) -> None:
+    """``weaken`` in [0, 1]."""
+    weaken = options.get("weaken")
+    if weaken is not None and not (isinstance(weaken, int | float) and 0.0 <= weaken <= 1.0):
+        raise ValueError(f"weaken must lie in [0, 1], got {weaken!r}")
+
+
+@register_method("vbmf", learns=False, lam="never", options=("weaken",), check_options=check_options,
                  summary="EVBMF ranks of both unfoldings, one-shot (Kim et al. 2016)")
 def build(model: Model, example_input: Example, *, weaken: float | None = None, **kwargs: Any) -> LCEngine:
     eng = kwargs
-    if weaken is not None and not 0.0 <= weaken <= 1.0:
-        raise ValueError(f"weaken must lie in [0, 1], got {weaken}")
+    check_options({"weaken": weaken})
     engine, target = assignment_engine(model, example_input, eng)
     own: dict[str, Any] = {}
     full: dict[str, Any] = {}
