@@ -210,6 +210,26 @@ def test_roundtrip_pruned_zoo_model(pruned_zoo: tuple[nn.Module, nn.Module, Tens
             )
 
 
+def test_roundtrip_pruned_then_factorised_zoo_model(pruned_zoo: tuple[nn.Module, nn.Module, Tensor],
+                                                    tmp_path: Path) -> None:
+    """Channel pruning, then Tucker-2 on the pruned net: the file alone rebuilds both (factorised layers whose
+    dense channels were pruned take their geometry from the record)."""
+    base, pruned, x = pruned_zoo
+    eng = get_method("oneshot").build(pruned, x, target_sr=2.0)
+    eng.start()
+    both = eng.compressed_model().eval()
+    factorised = [n for n, m in both.named_modules() if type(m) in (Tucker2Conv2d, LowRankLinear)]
+    resized = [n for n in factorised if n in shapes_of(base) and shapes_of(base)[n] != shapes_of(pruned)[n]]
+    assert resized  # the case: a factorised layer whose dense conv had been pruned
+    path = tmp_path / "both.ltc"
+    ltc.save(both, path)
+    for loaded in (ltc.load(path), ltc.load(path, model=base)):
+        assert shapes_of(loaded) == shapes_of(both)
+        x5 = torch.randn(5, *x.shape[1:])
+        with torch.no_grad():
+            assert torch.equal(loaded(x5), both(x5))
+
+
 def test_roundtrip_pruned_user_model(tmp_path: Path) -> None:
     pytest.importorskip("torch_pruning")
     torch.manual_seed(0)
@@ -399,10 +419,24 @@ def test_error_unknown_layer_names(mynet_file: Path) -> None:
         ltc.load(mynet_file, model=other)
 
 
-def test_error_layer_shape_mismatch(mynet_file: Path) -> None:
-    msg = "layer 'stem' of the given MyNet is Conv2d\\(3->4.*file's is.*MyNet"
+def test_other_channel_counts_take_the_files_geometry(mynet_file: Path) -> None:
+    """The file records every layer's channels (resized by pruning or not): an instance of the same class with other
+    channel counts loads to exactly the saved model."""
+    saved = ltc.load(mynet_file, model=MyNet())
+    other = ltc.load(mynet_file, model=MyNet(width=4))
+    assert shapes_of(other) == shapes_of(saved)
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(other(x), saved(x))
+
+
+def test_error_layer_kernel_mismatch(mynet_file: Path) -> None:
+    net = MyNet()
+    net.stem = nn.Conv2d(3, 8, 5, stride=2, padding=2, padding_mode="reflect", bias=True)
+    msg = r"layer 'stem' of the given MyNet is Conv2d\(3->8, kernel \(5, 5\)\), the file's is Conv2d\(3->8, kernel " \
+          r"\(3, 3\)\); pass an instance of the architecture the file was saved from \(MyNet\)"
     with pytest.raises(ValueError, match=msg):
-        ltc.load(mynet_file, model=MyNet(width=4))
+        ltc.load(mynet_file, model=net)
 
 
 def test_error_state_dict_mismatch(mynet_file: Path) -> None:

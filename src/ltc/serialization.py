@@ -3,8 +3,9 @@
 One safe file (``torch.load(path, weights_only=True)`` reads it, no pickled code) holding the model's structure as
 JSON and its weights. The structure records every factorised layer (type, ranks, the dense layer's geometry) and
 the shape of every plain conv, linear and BatchNorm layer, so that a network whose layers were resized (channel
-pruning) loads too. Zoo models load from the file alone; a user's own architecture loads onto an uncompressed
-instance (``load(path, model=MyNet())``). Files are written atomically (temp file, then rename).
+pruning, also before a factorisation) loads too. Zoo models load from the file alone; a user's own architecture
+loads onto an uncompressed instance (``load(path, model=MyNet())``).
+Files are written atomically (temp file, then rename).
 """
 
 from __future__ import annotations
@@ -295,6 +296,15 @@ def _geometry_mismatch(rec: dict[str, Any], module: nn.Module) -> str | None:
     return None
 
 
+def _resized(rec: dict[str, Any], module: nn.Module) -> bool:
+    """``module`` is the recorded layer's kind with the same kernel (or a linear) but other channel counts."""
+    if rec["type"] == "lowrank_linear":
+        return type(module) is nn.Linear and (module.in_features, module.out_features) != (
+            rec["in_features"], rec["out_features"])
+    return (type(module) is nn.Conv2d and module.groups == 1 and list(module.kernel_size) == rec["kernel_size"]
+            and (module.in_channels, module.out_channels) != (rec["in_channels"], rec["out_channels"]))
+
+
 def _template(rec: dict[str, Any], like: Tensor) -> nn.Module:
     """A dense layer with the recorded geometry (used when the given model's layer is already factorised)."""
     kw: dict[str, Any] = {"device": like.device, "dtype": like.dtype}
@@ -356,7 +366,9 @@ def _apply_structure(model: nn.Module, layers: dict[str, dict[str, Any]], root: 
         if kind not in _TYPES.values():
             raise ValueError(f"{path} records an unknown layer type {kind!r} for '{name}'; upgrade ltc")
         module = modules[name]
-        if type(module) in _TYPES:  # the given model is already factorised there: rebuild from the record
+        if type(module) in _TYPES or _resized(rec, module):
+            # already factorised there, or its channels were resized (pruned, then factorised): the record's
+            # dense geometry rebuilds it; the strict weight check below still catches a foreign model
             module = _template(rec, next(module.parameters()))
         problem = _geometry_mismatch(rec, module)
         if problem:
