@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import re
 
@@ -353,7 +354,7 @@ def test_resume_inside_a_phase_is_bit_identical(uninterrupted, tmp_path, monkeyp
     assert (res.compressed.macs, res.compressed.params) == (ref.compressed.macs, ref.compressed.params)
 
 
-def test_resume_without_a_checkpoint_starts_afresh_and_without_a_dir_is_refused(tmp_path, monkeypatch):
+def test_resume_without_a_checkpoint_starts_afresh_and_without_a_dir_is_refused(tmp_path, monkeypatch, caplog):
     train, _ = loaders()
     calls = counting(monkeypatch)
     with pytest.raises(ValueError, match="resume=True needs checkpoint_dir"):
@@ -362,7 +363,9 @@ def test_resume_without_a_checkpoint_starts_afresh_and_without_a_dir_is_refused(
     # like fit: a run killed before its first checkpoint is resumed by starting it
     where = tmp_path / "nothing-here"
     kw = dict(method="uniform", epochs=2, seed=1, progress=False)
-    res = compress(base_model(), train, checkpoint_dir=where, resume=True, **kw)
+    with caplog.at_level(logging.INFO, logger="ltc"):
+        res = compress(base_model(), train, checkpoint_dir=where, resume=True, **kw)
+    assert f"no checkpoint at {where / CHECKPOINT_NAME} yet; starting the run from the beginning" in caplog.text
     assert calls[0] == 2 and read_checkpoint(where / CHECKPOINT_NAME)["epoch"] == 2
     assert_same_state(res.model, compress(base_model(), loaders()[0], **kw).model)
 

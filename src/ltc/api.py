@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import math
 import time
 from collections.abc import Iterable
@@ -36,6 +37,8 @@ from .settings import OPTIMIZERS, check_choice, check_int, check_number
 from .surgery import unwrap
 from .train import evaluate, fit, make_optimizer, make_scheduler, read_checkpoint
 from .utils import is_main_process, resolve_device, seed_everything
+
+_logger = logging.getLogger("ltc")
 
 __all__ = ["CompressConfig", "EpochPlan", "Result", "compress", "full_ranks", "meet_speedup", "CHECKPOINT_NAME",
            "MAX_PULL"]
@@ -478,6 +481,9 @@ def compress(
     if resume and ckpt_path is None:
         raise ValueError("resume=True needs checkpoint_dir (the folder of the run to continue)")
     ckpt = _check_resume(ckpt_path, cfg, work) if resume and ckpt_path is not None and ckpt_path.exists() else None
+    if resume and ckpt is None:
+        _logger.info("ltc: resume=True but there is no checkpoint at %s yet; starting the run from the beginning",
+                 ckpt_path)
     stage = ckpt["stage"] if ckpt is not None else None
     identity = _identity(cfg, work)
     teacher = _teacher(model, device) if cfg.kd_weight > 0 else None
