@@ -483,7 +483,7 @@ def compress(
     ckpt = _check_resume(ckpt_path, cfg, work) if resume and ckpt_path is not None and ckpt_path.exists() else None
     if resume and ckpt is None:
         _logger.info("ltc: resume=True but there is no checkpoint at %s yet; starting the run from the beginning",
-                 ckpt_path)
+                     ckpt_path)
     stage = ckpt["stage"] if ckpt is not None else None
     identity = _identity(cfg, work)
     teacher = _teacher(model, device) if cfg.kd_weight > 0 else None
