@@ -246,9 +246,9 @@ def markdown(doc: dict[str, Any]) -> str:
     for (dataset, model, target, group), runs in sorted(groups.items(), key=lambda kv: (kv[0][3], kv[0][:3])):
         title = "Ablation of the LC recipe" if group == "ablation" else "Methods"
         lines += ["", f"## {title}: {dataset} / {model} / target SR {target:g}", "",
-                  "| method | seeds | acc | before FT | SR | CR | speed-up | ‖W−Θ‖/‖W‖ | in the metric | epochs "
-                  "| minutes |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| method | seeds | acc | per seed | before FT | SR | CR | speed-up | ‖W−Θ‖/‖W‖ | in the metric "
+                  "| epochs | minutes |",
+                  "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         by: dict[str, list[dict[str, Any]]] = {}
         for r in runs:
             by.setdefault(r["variant"] or r["method"], []).append(r)
@@ -261,18 +261,37 @@ def markdown(doc: dict[str, Any]) -> str:
             rs = by[k]
             acc, sd = _mean_sd([r["acc"] for r in rs])
             before, bsd = _mean_sd([r["acc_before_finetune"] for r in rs])
+            per_seed = " / ".join(f"s{r['seed']} {_pct(r['acc'])}" for r in sorted(rs, key=lambda r: r["seed"]))
             lines.append(
-                f"| {DISPLAY.get(k, k)} | {len(rs)} | {_pct(acc, sd)} | {_pct(before, bsd)} | "
+                f"| {DISPLAY.get(k, k)} | {len(rs)} | {_pct(acc, sd)} | {per_seed} | {_pct(before, bsd)} | "
                 f"{_num(_mean_sd([r['sr'] for r in rs])[0])} | {_num(_mean_sd([r['cr'] for r in rs])[0])} | "
                 f"{_num(_mean_sd([r['latency_speedup'] for r in rs])[0])} | "
                 f"{_num(_mean_sd([r['w_theta_final'] for r in rs])[0], '.3f')} | "
                 f"{_num(_mean_sd([r.get('w_theta_final_metric') for r in rs])[0], '.3f')} | "
                 f"{rs[0]['epochs']} | {_num(_mean_sd([r['seconds'] / 60 for r in rs])[0], '.1f')} |")
+        if group == "main" and "ltc" in by:
+            lines += ["", paired_line(by, "ltc")]
     figs = doc.get("figures") or []
     if figs:
         lines += ["", "## Rank distributions of the headline models (seed 0)", ""]
         lines += [f"![{Path(f).stem}]({Path(f).name})" for f in figs]
     return "\n".join(lines) + "\n"
+
+
+def paired_line(by: dict[str, list[dict[str, Any]]], ref: str) -> str:
+    """``ref``'s accuracy minus every other method's, paired by seed (points, mean ± sd over the shared seeds)."""
+    mine = {r["seed"]: r["acc"] for r in by[ref]}
+    parts = []
+    for k, rs in by.items():
+        if k == ref:
+            continue
+        diffs = [mine[r["seed"]] - r["acc"] for r in rs if r["seed"] in mine]
+        mean, sd = _mean_sd(diffs)
+        if mean is not None:
+            parts.append(f"{DISPLAY.get(k, k)} {100 * mean:+.2f}" + (f" ± {100 * sd:.2f}" if sd is not None else "")
+                         + f" ({len(diffs)} seed{'s' * (len(diffs) != 1)})")
+    return (f"{DISPLAY.get(ref, ref)} minus each method, paired by seed (points): " + "; ".join(parts) + "."
+            if parts else "")
 
 
 def headline_figure(doc: dict[str, Any], out_stem: Path) -> list[str]:

@@ -119,3 +119,12 @@ def test_quality_summary_keeps_every_command_and_the_metric_distance() -> None:
     assert quality.metric_distance(R([{"distance": 0.3, "distance_metric": 0.1}], 0.3)) == 0.1
     assert quality.metric_distance(R([{"distance": 0.3, "distance_metric": None}], 0.3)) == 0.3
     assert quality.metric_distance(R([], None)) is None
+
+
+def test_quality_paired_line_pairs_by_seed_and_skips_unshared_seeds() -> None:
+    by = {"ltc": [{"seed": 0, "acc": 0.75}, {"seed": 1, "acc": 0.78}, {"seed": 2, "acc": 0.70}],
+          "oneshot": [{"seed": 1, "acc": 0.77}, {"seed": 0, "acc": 0.76}],  # seeds out of order, seed 2 missing
+          "prune": [{"seed": 3, "acc": 0.5}]}  # no shared seed: left out
+    line = quality.paired_line(by, "ltc")
+    assert line == "LTC minus each method, paired by seed (points): Tucker one-shot +0.00 ± 1.41 (2 seeds)."
+    assert quality.paired_line({"ltc": by["ltc"]}, "ltc") == ""
