@@ -555,3 +555,46 @@ def test_unreachable_latency_target_reports_the_best_speedup(latency):
     ok = ltc.LTC(model, X, target_sr=best * 0.999, cost="latency", latency_table=table, compress_linear=True)
     ok.start()
     assert ok.predicted_speedup >= best * 0.999
+
+
+# ------------------------------------------------------------------------- ONNX Runtime: ops built without tracing
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cin=st.integers(1, 6), cout=st.integers(1, 6), k=st.sampled_from([(1, 1), (3, 3), (1, 3), (5, 2)]),
+       stride=st.sampled_from([(1, 1), (2, 1), (2, 2)]), pad=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+       dil=st.sampled_from([(1, 1), (2, 1)]), bias=st.booleans(), batch=st.integers(1, 3))
+def test_single_op_onnx_conv_equals_the_torch_conv(cin, cout, k, stride, pad, dil, bias, batch):
+    pytest.importorskip("onnxruntime")
+    from ltc.latency import onnx_session, single_op_onnx
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=pad, dilation=dil, bias=bias).eval()
+    x = torch.randn(batch, cin, 9, 8)
+    assert single_op_onnx(conv, (x,)) is not None  # the direct path, not the export fallback
+    y = onnx_session(conv, (x,), 1).run(None, {"x0": x.numpy()})[0]
+    with torch.no_grad():
+        ref = conv(x)
+    assert y.shape == tuple(ref.shape)
+    np.testing.assert_allclose(y, ref.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(4, 10), (2, 3, 10)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_single_op_onnx_linear_equals_the_torch_linear(shape, bias):
+    pytest.importorskip("onnxruntime")
+    from ltc.latency import onnx_session, single_op_onnx
+
+    torch.manual_seed(0)
+    lin, x = nn.Linear(10, 7, bias=bias).eval(), torch.randn(*shape)
+    assert single_op_onnx(lin, (x,)) is not None
+    y = onnx_session(lin, (x,), 1).run(None, {"x0": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(y, lin(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_single_op_onnx_leaves_other_modules_to_the_exporter():
+    from ltc.latency import single_op_onnx
+
+    x = torch.randn(1, 4, 6, 6)
+    assert single_op_onnx(nn.Conv2d(4, 4, 3, padding="same"), (x,)) is None
+    assert single_op_onnx(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), (x,)) is None
+    assert single_op_onnx(nn.Sequential(nn.Conv2d(4, 4, 1)), (x,)) is None
