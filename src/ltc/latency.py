@@ -109,68 +109,16 @@ def onnx_session(module: nn.Module, inputs: tuple[Tensor, ...], threads: int) ->
         import onnxruntime as ort
     except ImportError:
         raise ImportError('ONNX Runtime timing needs onnxruntime: pip install -e ".[export]"') from None
-    model = single_op_onnx(module, inputs)
-    if model is None:
-        buf = io.BytesIO()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(module.eval(), inputs, buf, dynamo=False, opset_version=17, do_constant_folding=True,
-                              input_names=[f"x{i}" for i in range(len(inputs))])
-        model = buf.getvalue()
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), inputs, buf, dynamo=False, opset_version=17, do_constant_folding=True,
+                          input_names=[f"x{i}" for i in range(len(inputs))])
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = int(threads)
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-
-
-def single_op_onnx(module: nn.Module, inputs: tuple[Tensor, ...]) -> bytes | None:
-    """The ONNX model (opset 17, input ``x0``) of a lone ``nn.Conv2d`` (zero padding given as numbers) or
-    ``nn.Linear``, written node by node: the graph ``torch.onnx.export`` makes of it (one Conv; Gemm, or MatMul
-    + Add for inputs of more than 2 dims), without tracing, which dominated building a latency table on ONNX
-    Runtime (VGG-16: 2,831 ops). ``None`` for anything else (the caller exports it)."""
-    if len(inputs) != 1:
-        return None
-    try:
-        import onnx
-        from onnx import TensorProto, helper, numpy_helper
-    except ImportError:  # pragma: no cover - onnxruntime without onnx: export it
-        return None
-    x = inputs[0]
-    weight = module.weight.detach().float().cpu().numpy() if hasattr(module, "weight") else None
-    bias = getattr(module, "bias", None)
-    inits, nodes = [], []
-    if type(module) is nn.Conv2d and module.padding_mode == "zeros" and not isinstance(module.padding, str):
-        (ph, pw), k = module.padding, list(module.kernel_size)
-        inits.append(numpy_helper.from_array(weight, "w"))
-        names = ["x0", "w"]
-        if bias is not None:
-            inits.append(numpy_helper.from_array(bias.detach().float().cpu().numpy(), "b"))
-            names.append("b")
-        nodes.append(helper.make_node("Conv", names, ["y"], kernel_shape=k, strides=list(module.stride),
-                                      pads=[ph, pw, ph, pw], dilations=list(module.dilation), group=module.groups))
-    elif type(module) is nn.Linear:
-        inits.append(numpy_helper.from_array(weight if x.dim() == 2 else weight.T.copy(), "w"))
-        if x.dim() == 2:
-            names = ["x0", "w"] + (["b"] if bias is not None else [])
-            nodes.append(helper.make_node("Gemm", names, ["y"], transB=1))
-        else:
-            nodes.append(helper.make_node("MatMul", ["x0", "w"], ["y" if bias is None else "xw"]))
-            if bias is not None:
-                nodes.append(helper.make_node("Add", ["xw", "b"], ["y"]))
-        if bias is not None:
-            inits.append(numpy_helper.from_array(bias.detach().float().cpu().numpy(), "b"))
-    else:
-        return None
-    with torch.no_grad():
-        out_shape = list(module(x[:1]).shape)
-    graph = helper.make_graph(
-        nodes, "op", [helper.make_tensor_value_info("x0", TensorProto.FLOAT, [x.shape[0], *x.shape[1:]])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [x.shape[0], *out_shape[1:]])], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = min(model.ir_version, 8)
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
+    return ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
 
 
 @contextlib.contextmanager
