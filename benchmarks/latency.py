@@ -127,13 +127,14 @@ def mac_sr_for(model: Any, x: Any, speedup: float, runtime: str, threads: int, b
 def run_case(name: str, runtime: str, batch: int, threads: int, targets: tuple[float, ...], repeats: int,
              say: Any) -> dict[str, Any]:
     from ltc.api import meet_speedup
+    from ltc.engine import select_layers
     from ltc.latency_table import LatencyTable
 
     model, x, what = build_model(name, say)
     say(f"[{name} / {runtime} / batch {batch}] building the latency table (cold cache)")
     with tempfile.TemporaryDirectory() as cache:
         table = LatencyTable.build(model, x, runtime=runtime, threads=threads, batch=batch, rank_multiple=8,
-                                   cache_dir=cache, progress=False)
+                                   layers=select_layers(model)[0], cache_dir=cache, progress=False)
     case: dict[str, Any] = {"model": name, "what": what, "runtime": runtime, "batch": batch, "threads": threads,
                             "table": {"build_seconds": table.info.get("build_seconds"),
                                       "measured_ops": table.info.get("measured"), "model_ms": table.model_ms},

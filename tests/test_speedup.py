@@ -156,3 +156,15 @@ def test_corrections_stop_after_three(table, monkeypatch) -> None:
     assert r.speedup["corrections"] <= 3 and len(calls) == len(att) == r.speedup["corrections"] + 1
     closest = min(abs(a["measured"] / 2.0 - 1) for a in att)
     assert abs(r.speedup["measured"] / 2.0 - 1) == closest and math.isfinite(r.speedup["measured"])
+
+
+@pytest.mark.parametrize("compress_linear", [False, True])
+def test_the_run_times_only_the_layers_it_compresses(compress_linear: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers left dense only count in the whole model's time: their factorised forms are never timed (VGG-16's
+    25088x4096 linear alone would have held up an ONNX Runtime table for many minutes)."""
+    seen = {}
+    monkeypatch.setattr(LatencyTable, "build", classmethod(lambda cls, model, x, **kw: seen.update(kw)))
+    cfg = ltc.CompressConfig(target_speedup=2.0, compress_linear=compress_linear)
+    ltc.api._latency_table(Net(), torch.randn(1, 3, 8, 8), cfg, False)
+    convs = [n for n, m in Net().named_modules() if isinstance(m, nn.Conv2d)]
+    assert seen["layers"] == convs + (["fc"] if compress_linear else [])

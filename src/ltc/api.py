@@ -620,10 +620,14 @@ MAX_CORRECTIONS = 3
 
 
 def _latency_table(model: nn.Module, example_input: Tensor, cfg: CompressConfig, progress: bool) -> Any:
-    """The measured-latency table of the base model on the run's runtime, threads and batch (cached on disk)."""
+    """The measured-latency table of the base model on the run's runtime, threads and batch (cached on disk), for
+    the layers the run compresses (the others only count in the whole model's time)."""
+    from .engine import select_layers
     from .latency_table import LatencyTable
 
+    layers, _ = select_layers(model, cfg.include, cfg.exclude, cfg.compress_linear)
     return LatencyTable.build(model, example_input, runtime=cfg.latency_runtime, threads=cfg.latency_threads,
+                              layers=layers,
                               batch=cfg.latency_batch, rank_multiple=cfg.resolved_rank_multiple(),
                               conv_scheme="matrix" if cfg.method == "lrc" else "tucker2",
                               progress=progress and is_main_process())
