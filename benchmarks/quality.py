@@ -198,6 +198,32 @@ def refresh(doc: dict[str, Any]) -> None:
             rec["w_theta_final_metric"] = metric_distance(RunResult.read(folder / "result.json"))
 
 
+def remeasure(doc: dict[str, Any], repeats: int, threads: int, say: Any) -> None:
+    """Time every finished run's saved model against its base again, on a quiet machine: CPU, batch 1, BatchNorm
+    folded, interleaved (``latency_speedup_quiet``); the in-run figure was taken while the benchmark trained."""
+    import torch
+
+    import ltc
+    from ltc import runs
+    from ltc.latency import compare_latency
+
+    bases = {(b["dataset"], b["model"]): runs.load_model(b["path"]) for b in doc["bases"]}
+    for rec in doc["runs"]:
+        path = Path(rec["model_path"])
+        path = path if path.is_absolute() else C.REPO / path
+        base = bases.get((rec["dataset"], rec["model"]))
+        if base is None or not path.is_file():
+            continue
+        x = torch.randn(1, *(base.input_shape or (3, 32, 32)), generator=torch.Generator().manual_seed(0))
+        lat = compare_latency(base.model.cpu().eval(), ltc.load(path), x, threads=threads, repeats=repeats,
+                              fold_bn=True)
+        rec["latency_speedup_quiet"] = lat["speedup"]
+        say(f"{rec['id']} ({rec['variant'] or rec['method']}): {lat['speedup']:.2f}x "
+            f"(in the run: {rec['latency_speedup']:.2f}x)")
+    doc["protocol"]["remeasured"] = {"command": C.command_line(), "date": C.now(), "machine": C.machine(),
+                                     "repeats": repeats, "threads": threads, "commit": C.git_commit()}
+
+
 def run_record(row: Row, folder: Path) -> dict[str, Any]:
     """The summary's row for a finished run folder."""
     from ltc.results import RunResult
@@ -229,8 +255,11 @@ def markdown(doc: dict[str, Any]) -> str:
              f"{p['wall_seconds'] / 3600:.2f} h ({len(doc['runs'])} runs finished).", "",
              "Accuracies are validation top-1 (%), mean ± sd over seeds where there are several; 'before FT': right "
              "after deployment with BatchNorm re-estimated. SR / CR theoretical (MACs / params); 'speed-up': "
-             "measured CPU batch-1 latency ratio, BatchNorm folded, 2 threads, interleaved with the base (taken while "
-             "the benchmark trains: noisy). ‖W−Θ‖/‖W‖: at the last C step (learning methods), in weight space and "
+             "measured CPU batch-1 latency ratio, BatchNorm folded, 2 threads, interleaved with the base ("
+             + (f"re-timed on a quiet machine by `{p['remeasured']['command']}`, {p['remeasured']['date']}, "
+                f"{p['remeasured']['repeats']} runs each" if p.get("remeasured") else
+                "taken while the benchmark trains: noisy")
+             + "). ‖W−Θ‖/‖W‖: at the last C step (learning methods), in weight space and "
              "in the C step's metric (with metric='data' the whitened space the penalty pulls in; the same number with "
              "metric='weight').", "",
              "## Bases", "", "| dataset | model | width | train / val images | epochs | val acc | last 10 epochs |",
@@ -265,7 +294,7 @@ def markdown(doc: dict[str, Any]) -> str:
             lines.append(
                 f"| {DISPLAY.get(k, k)} | {len(rs)} | {_pct(acc, sd)} | {per_seed} | {_pct(before, bsd)} | "
                 f"{_num(_mean_sd([r['sr'] for r in rs])[0])} | {_num(_mean_sd([r['cr'] for r in rs])[0])} | "
-                f"{_num(_mean_sd([r['latency_speedup'] for r in rs])[0])} | "
+                f"{_num(_mean_sd([r.get('latency_speedup_quiet', r['latency_speedup']) for r in rs])[0])} | "
                 f"{_num(_mean_sd([r['w_theta_final'] for r in rs])[0], '.3f')} | "
                 f"{_num(_mean_sd([r.get('w_theta_final_metric') for r in rs])[0], '.3f')} | "
                 f"{rs[0]['epochs']} | {_num(_mean_sd([r['seconds'] / 60 for r in rs])[0], '.1f')} |")
@@ -320,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="results stem folder (default benchmarks/results)")
     ap.add_argument("--runs", type=Path, help="where the run folders go (default runs/quality)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--remeasure", action="store_true",
+                    help="time every finished run's model against its base again (run it on a quiet machine), exit")
     ap.add_argument("--refresh", action="store_true",
                     help="re-derive every finished row's added fields from its run folder, rewrite the summary, exit")
     args = ap.parse_args(argv)
@@ -348,6 +379,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for r in rows:
             print(("done  " if r.id in done_ids else "todo  ") + r.id)
+        return 0
+    if args.remeasure:
+        remeasure(doc, repeats=100, threads=args.threads, say=print)
+        C.write_results(stem, doc, markdown(doc))
         return 0
     if args.refresh:
         refresh(doc)

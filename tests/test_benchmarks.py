@@ -75,6 +75,11 @@ def test_quality_smoke_writes_the_summary_schema_and_resumes(tmp_path: Path, cap
     assert quality.main(argv) == 0
     assert "=== digits/small_cnn/oneshot" not in capsys.readouterr().out  # finished rows are skipped
     assert json.loads((tmp_path / "quality_smoke.json").read_text())["runs"] == doc["runs"]
+    # --remeasure: the saved model timed against its base again, the markdown says so
+    assert quality.main([*argv, "--remeasure"]) == 0
+    again = json.loads((tmp_path / "quality_smoke.json").read_text())
+    assert again["runs"][0]["latency_speedup_quiet"] > 0 and again["protocol"]["remeasured"]["repeats"] == 100
+    assert "re-timed on a quiet machine" in (tmp_path / "quality_smoke.md").read_text()
 
 
 def test_decaying_spectrum_gives_the_channel_unfoldings_a_power_law() -> None:
