@@ -154,7 +154,7 @@ def run_case(name: str, runtime: str, batch: int, threads: int, targets: tuple[f
         row.update(latency_cost={"predicted": sp["predicted"], "measured": sp["measured"],
                                  "corrections": sp["corrections"], "sr": e.sr, "cr": e.cr,
                                  "dense_layers": sum(r is None for r in e.ranks.values()), "layers": len(e.ranks),
-                                 "attempts": sp["attempts"]})
+                                 "attempts": sp["attempts"], "stopped": sp.get("stopped")})
         mac = mac_sr_for(model, x, sp["measured"], runtime, threads, batch, repeats)
         row["mac_cost_same_speedup"] = mac
         case["rows"].append(row)
@@ -204,7 +204,8 @@ def markdown(doc: dict[str, Any]) -> str:
                 lines.append(head + f" refused: {r['refused']} ||||||")
                 continue
             lc, mb = r["latency_cost"], (r["mac_cost_same_speedup"]["best"] or {})
-            lines.append(head + f" {_f(lc['predicted'])} | {_f(lc['measured'])} | {lc['corrections']} | "
+            corr = f"{lc['corrections']}" + (" (then out of the table's reach)" if lc.get("stopped") else "")
+            lines.append(head + f" {_f(lc['predicted'])} | {_f(lc['measured'])} | {corr} | "
                                 f"{_f(lc['sr'])} | {lc['dense_layers']}/{lc['layers']} | {_f(mb.get('sr'))} "
                                 f"({_f(mb.get('measured'))}x) |")
     lines += ["", "MAC-cost LTC at SR 5 (ranks multiples of 8): measured speed-up / SR", "",

@@ -168,3 +168,20 @@ def test_the_run_times_only_the_layers_it_compresses(compress_linear: bool, monk
     ltc.api._latency_table(Net(), torch.randn(1, 3, 8, 8), cfg, False)
     convs = [n for n, m in Net().named_modules() if isinstance(m, nn.Conv2d)]
     assert seen["layers"] == convs + (["fc"] if compress_linear else [])
+
+
+def test_a_correction_beyond_the_tables_reach_keeps_the_closest_attempt(table, monkeypatch) -> None:
+    """Near the fastest the table allows, a table that over-predicts asks the correction for more than it can give:
+    the loop stops there (saying why) and keeps what it reached, instead of failing the run."""
+    _measured_as(1.0, monkeypatch)
+    with pytest.raises(ValueError) as info:
+        ltc.compress(Net(), _loader(), method="oneshot", target_speedup=50.0, epochs=0, progress=False)
+    best = float(str(info.value).split("reaches ")[1].split(";")[0])
+    target = 0.95 * best
+    calls = _measured_as(0.5, monkeypatch)
+    r = ltc.compress(Net(), _loader(), method="oneshot", target_speedup=target, epochs=0, progress=False,
+                     recalibrate_bn=False)
+    assert r.speedup["corrections"] == 0 and len(calls) == 1
+    # the correction asked for predicted x target / measured = 2 x target
+    assert f"target speed-up (latency table) {2 * target:g} is out of reach" in r.speedup["stopped"]
+    assert r.speedup["measured"] == pytest.approx(0.5 * r.speedup["predicted"])

@@ -640,8 +640,9 @@ def meet_speedup(comp: Any, base: nn.Module, example_input: Tensor, target: floa
     Times the deployed network against the base (interleaved, BatchNorm folded, ``runtime`` with ``threads`` at
     ``batch``). While the measured speed-up misses ``target`` by more than 10 %, corrects the table's bias: re-targets
     the C step at ``predicted x target / measured`` and re-deploys (at most :data:`MAX_CORRECTIONS` times, stopping
-    when the ranks repeat). The attempt closest to the target is kept (the engine is left at it). Returns
-    ``{"target", "predicted", "measured", "corrections", "chosen_attempt", "attempts": [...]}``."""
+    when the ranks repeat, or when the corrected target is beyond what the table can reach). The attempt closest to
+    the target is kept (the engine is left at it). Returns ``{"target", "predicted", "measured", "corrections",
+    "chosen_attempt", "attempts": [...], "stopped"}`` (``stopped``: why corrections ended early, else ``None``)."""
     from .latency import compare_latency
 
     target = float(target)
@@ -649,6 +650,7 @@ def meet_speedup(comp: Any, base: nn.Module, example_input: Tensor, target: floa
     ref = copy.deepcopy(unwrap(base)).cpu().eval()
     attempts: list[dict[str, Any]] = []
     seen: list[dict[str, Any]] = []
+    stopped: str | None = None
     for i in range(MAX_CORRECTIONS + 1):
         small = comp.compressed_model().cpu().eval()
         lat = compare_latency(ref, small, x, threads=threads, repeats=repeats, fold_bn=True, runtime=runtime)
@@ -658,7 +660,11 @@ def meet_speedup(comp: Any, base: nn.Module, example_input: Tensor, target: floa
         seen.append(dict(comp.ranks))
         if abs(lat["speedup"] / target - 1) <= SPEEDUP_TOLERANCE or i == MAX_CORRECTIONS:
             break
-        comp.retarget(max(1.0, attempts[-1]["predicted"] * target / lat["speedup"]))
+        try:
+            comp.retarget(max(1.0, attempts[-1]["predicted"] * target / lat["speedup"]))
+        except ValueError as exc:  # the correction asks for more than the table can give: keep what was reached
+            stopped = str(exc)
+            break
         if dict(comp.ranks) in seen:  # the grid has no point in between: no progress left
             break
     best = min(range(len(attempts)), key=lambda k: abs(attempts[k]["measured"] / target - 1))
@@ -666,7 +672,8 @@ def meet_speedup(comp: Any, base: nn.Module, example_input: Tensor, target: floa
         comp.retarget(attempts[best]["engine_target"])  # the same state and target give the same ranks again
     chosen = attempts[best]
     return {"target": target, "predicted": chosen["predicted"], "measured": chosen["measured"],
-            "corrections": len(attempts) - 1, "chosen_attempt": best, "attempts": attempts}
+            "corrections": len(attempts) - 1, "chosen_attempt": best, "attempts": attempts,
+            "stopped": stopped}
 
 
 def _teacher(model: nn.Module, device: torch.device) -> nn.Module:

@@ -850,8 +850,12 @@ class LCEngine:
             raise ValueError("retarget() needs budget mode (an engine built with target_sr)")
         check_number("target", target, ge=1)
         self.start()
-        self.target = float(target)
-        self._c_step()
+        old, self.target = self.target, float(target)
+        try:
+            self._c_step()
+        except ValueError:  # out of reach: the engine stays at its last target and ranks
+            self.target = old
+            raise
 
     def assign(self, ranks: dict[str, Rank]) -> None:
         """Set given ranks (``None`` = dense) and project the current weights onto them (in the engine's metric),
