@@ -17,7 +17,6 @@ from typing import Any, Protocol
 
 from torch import Tensor, nn
 
-from ..cost import dense_cost
 from ..engine import LTC, LCEngine
 
 __all__ = ["Compression", "Method", "register_method", "get_method", "list_methods", "ENGINE_KEYS"]
@@ -174,13 +173,9 @@ def meet_target(
     ranks = ranks_at(x)
     if fill and x < 1.0:
         nxt = ranks_at(min(1.0, x + 2.0**-36))  # past the bisection's bracket (2^-40), before any other step
-        macs = engine.cost_kind != "params"
-
-        def cost(name: str, r: Any) -> int:
-            p, m = engine.layers[name].scheme.cost(engine.layers[name].geometry, r)
-            return int(m if macs else p)
-
-        ups = sorted((cost(n, nxt[n]) - cost(n, ranks[n]), n) for n in ranks if nxt[n] != ranks[n])
+        kind = _ratio_kind(engine)
+        ups = sorted((engine.layer_cost(engine.layers[n], nxt[n], kind)
+                      - engine.layer_cost(engine.layers[n], ranks[n], kind), n) for n in ranks if nxt[n] != ranks[n])
         for _, n in ups:
             trial = {**ranks, n: nxt[n]}
             if ratio_of(engine, trial) >= target:
@@ -192,10 +187,12 @@ def meet_target(
 def ratio_of(engine: LCEngine, ranks: dict[str, Any]) -> float:
     """The SR (``cost='macs'``) or CR (``cost='params'``) the engine would report with ``ranks`` assigned,
     from the cost formulas alone (no projection: cheap enough to call in a bisection loop)."""
-    macs = engine.cost_kind != "params"
-    total = engine.fixed_macs if macs else engine.fixed_params
-    for name, s in engine.layers.items():
-        r = ranks.get(name, s.rank)
-        p, m = dense_cost(s.geometry) if r is None else s.scheme.cost(s.geometry, r)
-        total += int(m if macs else p)
-    return (engine.base_macs if macs else engine.base_params) / max(total, 1)
+    kind = _ratio_kind(engine)
+    total = (engine.fixed_params if kind == "params" else engine.fixed_macs) + sum(
+        engine.layer_cost(s, ranks.get(name, s.rank), kind) for name, s in engine.layers.items())
+    return (engine.base_params if kind == "params" else engine.base_macs) / max(total, 1)
+
+
+def _ratio_kind(engine: LCEngine) -> str:
+    """The count a target is met in: params for ``cost='params'``, MACs otherwise."""
+    return "params" if engine.cost_kind == "params" else "macs"
