@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 from ..engine import LCEngine
@@ -28,6 +29,12 @@ def _weakened(r: int, full: int, weaken: float) -> int:
 def _shrunk(r: int, floor: int, x: float) -> int:
     # x = 1: EVBMF's own rank; x = 0: the floor (ranks already at or below it stay)
     return r if r <= floor else floor + math.floor(x * (r - floor) + 0.5)
+
+
+def _per_axis(own: dict[str, Any], fn: Callable[[int, int], int], full: dict[str, Any]) -> dict[str, Any]:
+    """``fn(rank, full rank)`` on each axis of every layer's rank (a Tucker-2 pair or a matrix rank)."""
+    return {n: tuple(fn(v, f) for v, f in zip(r, full[n], strict=True)) if isinstance(r, tuple) else fn(r, full[n])
+            for n, r in own.items()}
 
 
 def check_options(options: dict[str, Any]) -> None:
@@ -56,13 +63,7 @@ def build(model: Model, example_input: Example, *, weaken: float | None = None, 
             full[name] = min(mat.shape)
 
     def ranks_at(x: float) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for n, r in own.items():
-            if isinstance(r, tuple):
-                out[n] = (_weakened(r[0], full[n][0], x), _weakened(r[1], full[n][1], x))
-            else:
-                out[n] = _weakened(r, full[n], x)
-        return out
+        return _per_axis(own, lambda r, fu: _weakened(r, fu, x), full)
 
     if weaken is not None or target is None:
         engine.assign(ranks_at(weaken or 0.0))
@@ -73,8 +74,7 @@ def build(model: Model, example_input: Example, *, weaken: float | None = None, 
         floor = engine.min_rank
 
         def shrunk(x: float) -> dict[str, Any]:
-            return {n: tuple(_shrunk(v, floor, x) for v in r) if isinstance(r, tuple) else _shrunk(r, floor, x)
-                    for n, r in own.items()}
+            return _per_axis(own, lambda r, _: _shrunk(r, floor, x), full)
 
         x = meet_target(engine, target, shrunk)
         log.info("ltc: EVBMF's own ranks give %.3g, short of the target %.3g; shrunk toward min_rank=%d by %.3f",
