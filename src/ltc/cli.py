@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     # demo
-    p = add("demo", "train, compress and compare a small CNN end to end (about 2 minutes on 2 CPU cores)",
+    p = add("demo", "train, compress and compare a small CNN end to end (about a minute on 2 CPU cores)",
             "On the bundled digits (or --data): train small_cnn from scratch, compress it with LTC to a target SR "
             "(budget mode), fine-tune, and print a slides-style table with measured CPU latency (batch 1) and "
             "measured speed-up. Writes the compressed run (result.json, model.pt, figures) into --out and the base "
@@ -679,7 +679,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def _demo_plan(quick: bool, n_train: int) -> dict[str, int]:
-    """Epoch budget of the demo: digits in about 2 minutes on 2 cores; fewer epochs for big data."""
+    """Epoch budget of the demo: digits in about a minute on 2 cores; fewer epochs for big data."""
     if quick:
         return {"epochs": 2, "steps": 2, "epochs_per_step": 1, "finetune": 1}
     if n_train > 20_000:
