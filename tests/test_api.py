@@ -436,3 +436,87 @@ def test_engine_argument_errors_come_before_any_training(monkeypatch):
     with pytest.raises(TypeError):
         compress(base_model(), train, method="uniform", not_a_field=1, progress=False)
     assert calls[0] == 0
+
+
+# --------------------------------------------------------------------------------------------- distillation, decay
+def test_default_kd_weight_distils_from_the_frozen_base_in_eval_mode(trained_base, monkeypatch):
+    """The default kd_weight (0.5) makes the base network the teacher of every training batch, L steps and
+    fine-tuning alike: the teacher's logits are the base's eval-mode logits (dropout off, BatchNorm on its running
+    statistics), computed without gradients, and the base itself is neither trained nor switched to eval mode."""
+    base = copy.deepcopy(trained_base)
+    base.classifier = nn.Sequential(nn.Dropout(0.5), base.classifier)  # train mode would show in the logits
+    base.train()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    flags = [m.training for m in base.modules()]
+    train = DataLoader(TRAIN, batch_size=16)  # a fixed batch order: the teacher's inputs are known
+    cfg = CompressConfig(target_sr=2.0)  # kd_weight and kd_temperature left at their defaults
+    assert cfg.kd_weight == 0.5 and cfg.kd_temperature == 4.0
+
+    teachers: list[nn.Module] = []
+    teacher_calls: list[tuple[bool, bool]] = []
+    real_teacher = ltc.api._teacher
+
+    def spy_teacher(model, device):
+        t = real_teacher(model, device)
+        t.register_forward_hook(lambda m, i, o: teacher_calls.append((m.training, torch.is_grad_enabled())))
+        teachers.append(t)
+        return t
+
+    kd_calls: list[tuple[torch.Tensor, float, float]] = []
+    real_kd = ltc.train.distillation_loss
+
+    def spy_kd(student, teacher, target, *, weight, temperature, **kw):
+        kd_calls.append((teacher.detach().clone(), weight, temperature))
+        return real_kd(student, teacher, target, weight=weight, temperature=temperature, **kw)
+
+    monkeypatch.setattr(ltc.api, "_teacher", spy_teacher)
+    monkeypatch.setattr(ltc.train, "distillation_loss", spy_kd)
+    res = compress(base, train, config=cfg, steps=1, epochs=2, metric="weight", progress=False)
+    assert res.plan["total"] == 2 and res.config["kd_weight"] == 0.5
+
+    assert len(teachers) == 1 and teachers[0] is not base
+    assert all(not p.requires_grad for p in teachers[0].parameters())
+    assert teacher_calls == [(False, False)] * (2 * len(train))  # every batch of both epochs, eval mode, no grad
+    ref = copy.deepcopy(trained_base).eval()
+    ref.classifier = nn.Sequential(nn.Dropout(0.5), ref.classifier).eval()
+    with torch.no_grad():
+        expected = [ref(x) for x, _ in train] * 2
+    assert len(kd_calls) == len(expected)
+    for (logits, weight, temperature), want in zip(kd_calls, expected, strict=True):
+        assert (weight, temperature) == (0.5, 4.0)
+        torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-6)
+    after = base.state_dict()  # the base is untouched: the teacher is a frozen copy
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert [m.training for m in base.modules()] == flags and all(p.requires_grad for p in base.parameters())
+
+
+@pytest.mark.parametrize("lc_weight_decay", [0.0, 2e-3])
+def test_l_step_optimizer_gives_lc_weight_decay_to_the_compressed_weights_only(lc_weight_decay, monkeypatch):
+    """The L steps' optimizer: the compressed layers' weights get lc_weight_decay, every other weight matrix
+    weight_decay, biases and BatchNorm parameters no decay; each trainable parameter in exactly one group."""
+    seen: list[tuple[str, nn.Module, torch.optim.Optimizer]] = []
+    real_fit = ltc.api.fit
+
+    def spy_fit(model, *args, **kwargs):
+        seen.append((kwargs["stage"], model, kwargs["optimizer"]))
+        return real_fit(model, *args, **kwargs)
+
+    monkeypatch.setattr(ltc.api, "fit", spy_fit)
+    train, _ = loaders()
+    res = compress(base_model(), train, method="ltc", target_sr=2.0, steps=1, epochs=1, weight_decay=5e-4,
+                   lc_weight_decay=lc_weight_decay, metric="weight", kd_weight=0.0, progress=False)
+    (stage, work, opt), = [s for s in seen if s[0] == "lc"]
+    assert stage == "lc"
+    compressed = {f"{n}.weight" for n in res.ranks}  # every layer the engine handles, dense-kept ones too
+    assert compressed == {"features.0.weight", "features.3.weight", "features.7.weight", "features.10.weight"}
+    decay_of = {}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            assert id(p) not in decay_of, "a parameter in two groups"
+            decay_of[id(p)] = g["weight_decay"]
+    names = dict(work.named_parameters())
+    assert set(decay_of) == {id(p) for p in names.values() if p.requires_grad}
+    for name, p in names.items():
+        want = lc_weight_decay if name in compressed else (5e-4 if p.ndim > 1 else 0.0)
+        assert decay_of[id(p)] == want, name
+    assert decay_of[id(names["classifier.weight"])] == 5e-4  # the dense head keeps the ordinary decay

@@ -272,8 +272,14 @@ def x32() -> Tensor:
 def test_fold_batchnorm_compressed_resnet(x32: Tensor) -> None:
     tucker_resnet = tucker_resnet18(x32)
     tucker_resnet.train()  # fold_batchnorm must use eval semantics and leave the original alone
+    tucker_resnet.layer1[0].bn2.eval()  # a mixed pattern of flags, so that restoring "all train" would not pass
+    flags = {n: m.training for n, m in tucker_resnet.named_modules()}
+    before = {k: v.clone() for k, v in tucker_resnet.state_dict().items()}
     try:
         folded = fold_batchnorm(tucker_resnet)
+        assert {n: m.training for n, m in tucker_resnet.named_modules()} == flags
+        after = tucker_resnet.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     finally:
         tucker_resnet.eval()
     assert any(isinstance(m, nn.BatchNorm2d) for m in tucker_resnet.modules())

@@ -651,6 +651,58 @@ def test_unreachable_target_says_what_is_reachable():
         ltc.LTC(model, x, target_sr=1e4, cost="params").penalty()
 
 
+def _engine_snapshot(comp: LCEngine) -> dict:
+    return {"target": comp.target, "lam": comp.lam, "mu": comp.mu, "steps_done": comp.steps_done,
+            "ranks": dict(comp.ranks), "history": len(comp.history), "sr": comp.sr,
+            "theta": {n: s.theta.clone() for n, s in comp.layers.items()},
+            "phi": {n: s.phi.clone() for n, s in comp.layers.items()},
+            "err": {n: s.err for n, s in comp.layers.items()}}
+
+
+def _same_snapshot(a: dict, b: dict) -> bool:
+    tensors = ("theta", "phi")
+    return ({k: v for k, v in a.items() if k not in tensors} == {k: v for k, v in b.items() if k not in tensors}
+            and all(torch.equal(a[k][n], b[k][n]) for k in tensors for n in a[k]))
+
+
+def test_retarget_meets_the_new_target_and_an_out_of_reach_one_changes_nothing():
+    model, x = _small_cnn()
+    comp = _started(ltc.LTC, model, x, target_sr=2.0)
+    _noise_step(comp, model, torch.Generator().manual_seed(5))  # multipliers and μ away from their start
+    before = _engine_snapshot(comp)
+    comp.retarget(2.0)  # a C step at the current weights, multipliers and μ
+    at_two = _engine_snapshot(comp)
+    assert (at_two["mu"], at_two["steps_done"], at_two["history"]) == (before["mu"], before["steps_done"],
+                                                                       before["history"] + 1)
+    comp.retarget(4.0)  # a C step for the new target: no multiplier update, no μ growth, recorded in history
+    assert comp.target == 4.0 and 4.0 <= comp.sr <= 1.03 * 4.0 and comp.ranks != at_two["ranks"]
+    assert (comp.mu, comp.steps_done, len(comp.history)) == (at_two["mu"], at_two["steps_done"], at_two["history"] + 1)
+    assert all(torch.equal(s.phi, at_two["phi"][n]) for n, s in comp.layers.items())
+    assert comp.history[-1]["ranks"] == {n: (list(r) if isinstance(r, tuple) else r) for n, r in comp.ranks.items()}
+    at_four = _engine_snapshot(comp)
+    with pytest.raises(ValueError, match=r"target SR 10000 is out of reach: .* the model reaches \d+\.\d\d"):
+        comp.retarget(1e4)
+    assert _same_snapshot(_engine_snapshot(comp), at_four)  # target, ranks, Θ, λ and history as they were
+    comp.retarget(2.0)  # the same weights, multipliers and target: the same ranks and Θ as before
+    assert comp.ranks == at_two["ranks"] and comp.lam == at_two["lam"]
+    assert all(torch.equal(s.theta, at_two["theta"][n]) for n, s in comp.layers.items())
+
+
+def test_retarget_needs_budget_mode_and_a_target_of_at_least_one():
+    model, x = _small_cnn()
+    comp = _started(ltc.LTC, model, x, lam=1.0)
+    before = _engine_snapshot(comp)
+    with pytest.raises(ValueError, match=re.escape("retarget() needs budget mode (an engine built with target_sr)")):
+        comp.retarget(2.0)
+    assert comp.target is None and _same_snapshot(_engine_snapshot(comp), before)
+    budget = _started(ltc.LTC, model, x, target_sr=2.0)
+    before = _engine_snapshot(budget)
+    for bad in (0.5, math.nan):
+        with pytest.raises(ValueError, match=re.escape(f"target must be a finite number >= 1, got {bad!r}")):
+            budget.retarget(bad)
+    assert _same_snapshot(_engine_snapshot(budget), before)
+
+
 # --------------------------------------------------------------------------------------------- 4. deploy
 def _theta_model(comp: LCEngine, model: nn.Module) -> nn.Module:
     """The original architecture carrying Θ as weights (dense layers keep W)."""
@@ -883,9 +935,15 @@ def test_bad_settings_name_the_setting_and_the_value(kw, message):
 
 
 def test_settings_are_normalised_and_unknown_ones_refused():
-    assert EngineSettings(lam=1, cost="MACS", metric="Data", weighting="ABSOLUTE").cost == "macs"
-    comp = ltc.LTC(_net(0), X_NET, lam=1, cost="Params", include="c*")
+    s = EngineSettings(lam=1, cost="MACS", metric="Data", weighting="ABSOLUTE", conv_scheme="Matrix")
+    assert (s.cost, s.metric, s.weighting, s.conv_scheme) == ("macs", "data", "absolute", "matrix")
+    comp = ltc.LTC(_net(0), X_NET, lam=1, cost="Params", include="c*", metric="WEIGHT", weighting="Absolute")
     assert comp.cost_kind == "params" and comp.settings.include == ["c*"]
+    assert (comp.metric, comp.weighting) == (comp.settings.metric, comp.settings.weighting) == ("weight", "absolute")
+    assert comp.state_dict()["metric"] == "weight" and comp.state_dict()["weighting"] == "absolute"
+    rel = ltc.LTC(_net(0), X_NET, lam=1, weighting="RELATIVE")
+    rel.prepare()  # the normalised name takes effect: layers get the relative weights w_k, not 1
+    assert rel.weighting == "relative" and any(lay.scale != 1.0 for lay in rel.layers.values())
     with pytest.raises(TypeError, match="mu_final"):
         ltc.LTC(_net(0), X_NET, lam=0.1, mu_final=1.0)
     with pytest.raises(TypeError, match="Tucker-2"):

@@ -5,8 +5,6 @@ speed-up misses by more than 10 %, at most 3 times, logged)."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch import nn
@@ -146,16 +144,48 @@ def test_a_missed_target_is_corrected_by_retargeting(table, monkeypatch) -> None
     assert r.sr == pytest.approx(kept["sr"])  # the deployed network is the attempt kept
 
 
+def _measured_fraction_of_target(fractions: list[float], target: float, monkeypatch: pytest.MonkeyPatch) -> list:
+    """Make timing ``k`` report ``fractions[k] x target`` whatever network is deployed (the last fraction repeats)."""
+    calls: list[float] = []
+    real = ltc.latency.compare_latency
+
+    def fake(base, small, x, **kw):
+        out = real(base, small, x, repeats=1, warmup=0)
+        out["speedup"] = fractions[min(len(calls), len(fractions) - 1)] * target
+        calls.append(out["speedup"])
+        return out
+
+    monkeypatch.setattr(ltc.latency, "compare_latency", fake)
+    return calls
+
+
 def test_corrections_stop_after_three(table, monkeypatch) -> None:
-    """A table far too optimistic (measured = 0.3 x predicted): the loop gives up after 3 corrections (or once the
-    ranks repeat) and keeps the attempt that came closest."""
-    calls = _measured_as(0.3, monkeypatch)
-    r = ltc.compress(Net(), _loader(), method="oneshot", target_speedup=2.0, epochs=0, progress=False,
+    """Every timing misses the target by 30 % or more, however the engine is re-targeted: the loop times the first
+    deployment and exactly MAX_CORRECTIONS = 3 corrections, then gives up and keeps the attempt that came closest
+    (the third, measured at 0.7 x target), leaving the engine at its ranks."""
+    target, fractions = 1.5, [0.5, 0.6, 0.7, 0.55]
+    assert ltc.api.MAX_CORRECTIONS == 3 and all(abs(f - 1) > 2 * ltc.api.SPEEDUP_TOLERANCE for f in fractions)
+    calls = _measured_fraction_of_target(fractions, target, monkeypatch)
+    r = ltc.compress(Net(), _loader(), method="oneshot", target_speedup=target, epochs=0, progress=False,
                      recalibrate_bn=False)
-    att = r.speedup["attempts"]
-    assert r.speedup["corrections"] <= 3 and len(calls) == len(att) == r.speedup["corrections"] + 1
-    closest = min(abs(a["measured"] / 2.0 - 1) for a in att)
-    assert abs(r.speedup["measured"] / 2.0 - 1) == closest and math.isfinite(r.speedup["measured"])
+    sp = r.speedup
+    att = sp["attempts"]
+    assert sp["corrections"] == 3 and len(att) == len(calls) == 4  # the first timing, then one per correction
+    assert sp["stopped"] is None and sp["target"] == target
+    assert [a["measured"] for a in att] == pytest.approx([f * target for f in fractions])
+    assert att[0]["engine_target"] == target
+    for prev, nxt in zip(att, att[1:], strict=False):  # each correction re-targets at predicted x target / measured
+        assert nxt["engine_target"] == pytest.approx(prev["predicted"] * target / prev["measured"])
+    for a in att:
+        assert set(a) == {"engine_target", "predicted", "measured", "base_ms", "compressed_ms", "sr"}
+        assert a["predicted"] >= a["engine_target"] and a["base_ms"] > 0 and a["compressed_ms"] > 0
+    assert len({a["sr"] for a in att}) == 4  # every correction deployed another network: none stopped early
+    assert sp["chosen_attempt"] == 2
+    assert (sp["predicted"], sp["measured"]) == (att[2]["predicted"], att[2]["measured"])
+    # the engine went back to the kept attempt's ranks: the C steps are the first, 3 corrections and the return
+    assert len(r.history) == 5 and r.history[-1]["ranks"] == r.history[2]["ranks"]
+    assert r.sr == pytest.approx(att[2]["sr"])
+    assert r.history[-1]["predicted_speedup"] == pytest.approx(att[2]["predicted"])
 
 
 @pytest.mark.parametrize("compress_linear", [False, True])

@@ -268,7 +268,7 @@ def split_indices(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Stratified split of ``range(len(targets))`` into sorted ``(train, val)`` int64 index arrays.
 
-    Each class contributes ``round(n_c * val_fraction)`` items to ``val`` (at least 1 and at most
+    Each class contributes ``n_c * val_fraction`` rounded half up items to ``val`` (at least 1 and at most
     ``n_c - 1`` when it has 2 or more items and ``val_fraction > 0``), chosen by a ``numpy`` PCG64 generator
     seeded with ``seed``: identical across runs, machines and platforms.
     """
