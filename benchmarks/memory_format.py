@@ -13,6 +13,7 @@ same memory format. Writes ``memory_format.{json,md}`` under ``--out`` (default 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -50,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             models = {}
             for name, net in nets.items():
                 models[f"{name}/contiguous"] = net
-                cl = fold_batchnorm(net)  # a copy, converted
-                models[f"{name}/channels_last"] = cl.to(memory_format=torch.channels_last)
+                models[f"{name}/channels_last"] = copy.deepcopy(net).to(memory_format=torch.channels_last)
             st = interleaved_latency(models, x, threads=args.threads, warmup=3, repeats=args.repeats)
             ms = {k: v.median_ms for k, v in st.items()}
             row = {"model": arch, "fraction": frac, "sr": engine.sr, "ms": ms,

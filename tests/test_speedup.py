@@ -65,16 +65,17 @@ def table(monkeypatch: pytest.MonkeyPatch) -> LatencyTable:
     return tab
 
 
-def _measured_as(factor: float | list[float], monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """Make every timing report ``factor`` x the table's predicted speed-up (a list: one factor per call)."""
+def _measured_as(factor: float | list[float], monkeypatch: pytest.MonkeyPatch,
+                 of_target: float | None = None) -> list[float]:
+    """Make every timing report ``factor`` x the table's predicted speed-up (a list: one factor per call, the last
+    repeats); with ``of_target``, ``factor`` x that target instead, whatever network is deployed."""
     calls: list[float] = []
     real = ltc.latency.compare_latency
 
     def fake(base, small, x, **kw):
         out = real(base, small, x, repeats=1, warmup=0)
         f = factor[min(len(calls), len(factor) - 1)] if isinstance(factor, list) else factor
-        pred = fake.engine.predicted_speedup
-        out["speedup"] = f * pred
+        out["speedup"] = f * (fake.engine.predicted_speedup if of_target is None else of_target)
         calls.append(out["speedup"])
         return out
 
@@ -144,28 +145,13 @@ def test_a_missed_target_is_corrected_by_retargeting(table, monkeypatch) -> None
     assert r.sr == pytest.approx(kept["sr"])  # the deployed network is the attempt kept
 
 
-def _measured_fraction_of_target(fractions: list[float], target: float, monkeypatch: pytest.MonkeyPatch) -> list:
-    """Make timing ``k`` report ``fractions[k] x target`` whatever network is deployed (the last fraction repeats)."""
-    calls: list[float] = []
-    real = ltc.latency.compare_latency
-
-    def fake(base, small, x, **kw):
-        out = real(base, small, x, repeats=1, warmup=0)
-        out["speedup"] = fractions[min(len(calls), len(fractions) - 1)] * target
-        calls.append(out["speedup"])
-        return out
-
-    monkeypatch.setattr(ltc.latency, "compare_latency", fake)
-    return calls
-
-
 def test_corrections_stop_after_three(table, monkeypatch) -> None:
     """Every timing misses the target by 30 % or more, however the engine is re-targeted: the loop times the first
     deployment and exactly MAX_CORRECTIONS = 3 corrections, then gives up and keeps the attempt that came closest
     (the third, measured at 0.7 x target), leaving the engine at its ranks."""
     target, fractions = 1.5, [0.5, 0.6, 0.7, 0.55]
     assert ltc.api.MAX_CORRECTIONS == 3 and all(abs(f - 1) > 2 * ltc.api.SPEEDUP_TOLERANCE for f in fractions)
-    calls = _measured_fraction_of_target(fractions, target, monkeypatch)
+    calls = _measured_as(fractions, monkeypatch, of_target=target)
     r = ltc.compress(Net(), _loader(), method="oneshot", target_speedup=target, epochs=0, progress=False,
                      recalibrate_bn=False)
     sp = r.speedup
