@@ -6,7 +6,8 @@
 
 What it measures, per model (full-size ResNet-34, ResNet-50, VGG-16 at 224x224 with random weights given a
 decaying channel spectrum, since no ImageNet weights can be downloaded here; ``resnet34_cifar`` width 0.25 at 32x32
-with the converged CIFAR-10 base), runtime (PyTorch eager with BatchNorm folded, ONNX Runtime) and batch:
+with the converged CIFAR-10 base), runtime (PyTorch eager with BatchNorm folded, in NCHW and in channels_last
+(``eager-nhwc``); ONNX Runtime) and batch:
 
 1. the latency table of the base (:class:`ltc.latency_table.LatencyTable`), built cold in a fresh cache folder: how
    long it takes and how many ops it times;
@@ -93,12 +94,19 @@ def engine(model: Any, x: Any, *, target: float, cost: str, table: Any = None) -
     return e
 
 
+RUNTIMES = {"eager": ("eager", "contiguous"), "eager-nhwc": ("eager", "channels_last"),
+            "onnxruntime": ("onnxruntime", "contiguous")}
+"""Benchmark runtime labels: (runtime, memory_format) of the library. ``eager-nhwc``: PyTorch eager with the
+networks in ``torch.channels_last`` (the input stays NCHW)."""
+
+
 def measured(model: Any, comp: Any, x: Any, runtime: str, threads: int, batch: int, repeats: int) -> float:
     from ltc.latency import compare_latency
 
+    rt, layout = RUNTIMES[runtime]
     xb = x[:1].expand(batch, *x.shape[1:]).contiguous()
     return compare_latency(model, comp.compressed_model().eval(), xb, threads=threads, repeats=repeats,
-                           fold_bn=True, runtime=runtime)["speedup"]
+                           fold_bn=True, runtime=rt, memory_format=layout)["speedup"]
 
 
 def mac_sr_for(model: Any, x: Any, speedup: float, runtime: str, threads: int, batch: int, repeats: int,
@@ -131,11 +139,14 @@ def run_case(name: str, runtime: str, batch: int, threads: int, targets: tuple[f
     from ltc.latency_table import LatencyTable
 
     model, x, what = build_model(name, say)
+    rt, layout = RUNTIMES[runtime]
     say(f"[{name} / {runtime} / batch {batch}] building the latency table (cold cache)")
     with tempfile.TemporaryDirectory() as cache:
-        table = LatencyTable.build(model, x, runtime=runtime, threads=threads, batch=batch, rank_multiple=8,
-                                   layers=select_layers(model)[0], cache_dir=cache, progress=False)
-    case: dict[str, Any] = {"model": name, "what": what, "runtime": runtime, "batch": batch, "threads": threads,
+        table = LatencyTable.build(model, x, runtime=rt, threads=threads, batch=batch, rank_multiple=8,
+                                   layers=select_layers(model)[0], cache_dir=cache, progress=False,
+                                   memory_format=layout)
+    case: dict[str, Any] = {"model": name, "what": what, "runtime": runtime, "memory_format": layout,
+                            "batch": batch, "threads": threads,
                             "table": {"build_seconds": table.info.get("build_seconds"),
                                       "measured_ops": table.info.get("measured"), "model_ms": table.model_ms},
                             "rows": []}
@@ -150,7 +161,8 @@ def run_case(name: str, runtime: str, batch: int, threads: int, targets: tuple[f
             case["rows"].append(row)
             say(f"  target {t:g}x: refused ({exc})")
             continue
-        sp = meet_speedup(e, model, x, t, runtime=runtime, threads=threads, batch=batch, repeats=repeats)
+        sp = meet_speedup(e, model, x, t, runtime=rt, threads=threads, batch=batch, repeats=repeats,
+                          memory_format=layout)
         row.update(latency_cost={"predicted": sp["predicted"], "measured": sp["measured"],
                                  "corrections": sp["corrections"], "sr": e.sr, "cr": e.cr,
                                  "dense_layers": sum(r is None for r in e.ranks.values()), "layers": len(e.ranks),
@@ -221,7 +233,8 @@ def markdown(doc: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=[*FULL, CIFAR])
-    ap.add_argument("--runtimes", nargs="+", default=["eager", "onnxruntime"])
+    ap.add_argument("--runtimes", nargs="+", default=["eager", "eager-nhwc", "onnxruntime"], choices=list(RUNTIMES),
+                    help="eager-nhwc: PyTorch eager with channels_last networks")
     ap.add_argument("--batches", nargs="+", type=int, default=[1],
                     help="batch sizes (default 1; 32 is measured for resnet34_cifar with --cifar-batch)")
     ap.add_argument("--cifar-batch", type=int, default=32, help="also time resnet34_cifar at this batch (0: no)")
@@ -230,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--name", default="latency", help="results file stem under --out (default latency)")
     ap.add_argument("--append", action="store_true",
                     help="keep the cases already in the results file and run only the missing (model, runtime, batch)")
     args = ap.parse_args(argv)
@@ -240,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.models, args.runtimes, args.targets, args.cifar_batch, args.repeats = ["small_cnn"], ["eager"], [1.5], 0, 5
     stem = (args.out or (C.RESULTS if not args.smoke else Path("/tmp/ltc_latency_smoke"))) / (
-        "latency" if not args.smoke else "latency_smoke")
+        args.name if not args.smoke else "latency_smoke")
     try:
         import onnxruntime
 

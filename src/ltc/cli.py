@@ -29,7 +29,7 @@ from . import config as cfgmod
 from . import pipelines, runs
 from .cost import format_count, profile
 from .methods import list_methods
-from .settings import COSTS, METRICS, OPTIMIZERS, SCHEDULES, WEIGHTINGS
+from .settings import COSTS, MEMORY_FORMATS, METRICS, OPTIMIZERS, SCHEDULES, WEIGHTINGS
 from .utils import is_main_process
 
 __all__ = ["main", "build_parser", "SLIDES_FLOPS"]
@@ -188,6 +188,9 @@ def _compress_opts(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     f("--latency-runtime", key="compress.latency_runtime", choices=("eager", "onnxruntime"),
       help="the runtime the latency table is measured on (default eager PyTorch)")
     f("--latency-batch", key="compress.latency_batch", type=int, help="batch size of the latency table (default 1)")
+    f("--latency-memory-format", key="compress.latency_memory_format", choices=MEMORY_FORMATS,
+      help="the layout the compressed network is timed and returned in under eager PyTorch: contiguous (NCHW, "
+           "default) or channels_last (NHWC, faster for factorised networks on the CPU)")
     f("--rank-multiple", key="compress.rank_multiple", type=int, help="ranks are multiples of this (default 1)")
     f("--kd-weight", key="compress.kd_weight", type=float,
       help="distil from the base model during L steps and fine-tuning: weight of the KD term in [0, 1] "

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import statistics
 import time
 from collections.abc import Iterator
@@ -17,9 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .settings import MEMORY_FORMATS
 from .utils import resolve_device
 
-__all__ = ["LatencyStats", "measure_latency", "compare_latency", "interleaved_latency", "onnx_session"]
+__all__ = ["LatencyStats", "measure_latency", "compare_latency", "interleaved_latency", "onnx_session",
+           "MEMORY_FORMATS", "to_memory_format"]
+
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,36 @@ class LatencyStats:
 
     def __str__(self) -> str:
         return f"{self.median_ms:.3f} ms (p10 {self.p10_ms:.3f}, p90 {self.p90_ms:.3f}, n={self.repeats})"
+
+
+def check_memory_format(memory_format: str, runtime: str = "eager") -> str:
+    """``memory_format`` if it is one of :data:`MEMORY_FORMATS` and fits ``runtime``; a ValueError otherwise."""
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"memory_format must be one of {', '.join(map(repr, MEMORY_FORMATS))}, got {memory_format!r}")
+    if memory_format != "contiguous" and runtime != "eager":
+        raise ValueError(f"memory_format={memory_format!r} is a PyTorch (eager) layout; ONNX Runtime chooses its own "
+                         "layout: use memory_format='contiguous' with runtime='onnxruntime'")
+    return memory_format
+
+
+def to_memory_format(model: nn.Module, memory_format: str) -> nn.Module:
+    """``model`` with its 4-D weights in ``memory_format`` (in place; returned for chaining).
+
+    ``'channels_last'`` stores conv weights as NHWC; the input may stay NCHW (the first conv's output follows the
+    weights' layout, so the whole network then runs in NHWC). ``'contiguous'`` restores NCHW. Linear layers and
+    1-D tensors are unaffected."""
+    check_memory_format(memory_format)
+    fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+    return model.to(memory_format=fmt)
+
+
+def memory_format_of(model: nn.Module) -> str:
+    """``'channels_last'`` when every 4-D parameter of ``model`` with more than one spatial element or channel is
+    stored NHWC, else ``'contiguous'`` (a model without conv weights is ``'contiguous'``)."""
+    ws = [p for p in model.parameters() if p.dim() == 4 and not p.is_contiguous()]
+    if ws and all(p.is_contiguous(memory_format=torch.channels_last) for p in ws):
+        return "channels_last"
+    return "contiguous"
 
 
 @contextlib.contextmanager
@@ -148,16 +182,22 @@ def measure_latency(
     warmup: int = 5,
     repeats: int = 30,
     device: str | torch.device = "cpu",
+    memory_format: str = "contiguous",
 ) -> LatencyStats:
     """Median / 10th / 90th percentile of the wall-clock time (ms) of ``model(example_input)``.
 
     Runs under ``torch.inference_mode`` with the model in eval mode (its flags are restored afterwards).
     ``threads`` sets ``torch.set_num_threads`` for the measurement only. On CUDA every run is bracketed by
     ``torch.cuda.synchronize``. The batch size is the one of ``example_input`` (use batch 1 for latency).
+    ``memory_format``: time a copy of the model in this layout (see :func:`to_memory_format`; the input is passed
+    as given).
     """
     _check(warmup, repeats)
+    check_memory_format(memory_format)
     dev = resolve_device(device)
     x = example_input.to(dev)
+    if memory_format != "contiguous":
+        model = to_memory_format(copy.deepcopy(model), memory_format)
     with _num_threads(threads), torch.inference_mode(), _prepared(model, dev) as m:
         timer = _Timer(m, x, dev)
         for _ in range(int(warmup)):
@@ -176,23 +216,28 @@ def interleaved_latency(
     device: str | torch.device = "cpu",
     fold_bn: bool = False,
     runtime: str = "eager",
+    memory_format: str = "contiguous",
 ) -> dict[str, LatencyStats]:
     """Time several models side by side, interleaved run by run (so machine noise hits all of them alike); the
     order rotates every run, so none systematically profits from a warm cache. ``fold_bn``: time eval-mode copies
     with BatchNorm folded into the preceding convs (:func:`ltc.fold_batchnorm`), as deployed. ``runtime``:
     ``'eager'`` (PyTorch) or ``'onnxruntime'`` (each model exported to ONNX and run by ONNX Runtime on the CPU with
-    ``threads`` intra-op threads)."""
+    ``threads`` intra-op threads). ``memory_format``: eager only; time copies in this layout (see
+    :func:`to_memory_format`; the input is passed as given, NCHW)."""
     _check(warmup, repeats)
     if not models:
         raise ValueError("interleaved_latency needs at least one model")
     if runtime not in ("eager", "onnxruntime"):
         raise ValueError(f"runtime must be 'eager' or 'onnxruntime', got {runtime!r}")
+    check_memory_format(memory_format, runtime)
     dev = resolve_device(device)
     x = example_input.to(dev)
     if fold_bn:
         from .batchnorm import fold_batchnorm
 
         models = {k: fold_batchnorm(m) for k, m in models.items()}
+    if memory_format != "contiguous":  # copies: the caller's models keep their layout
+        models = {k: to_memory_format(m if fold_bn else copy.deepcopy(m), memory_format) for k, m in models.items()}
     names = list(models)
     with contextlib.ExitStack() as stack:
         stack.enter_context(_num_threads(threads))
@@ -225,17 +270,19 @@ def compare_latency(
     device: str | torch.device = "cpu",
     fold_bn: bool = False,
     runtime: str = "eager",
+    memory_format: str = "contiguous",
 ) -> dict[str, Any]:
     """Measure ``base`` and ``compressed`` side by side with :func:`interleaved_latency`.
 
     Returns ``{"base_ms", "compressed_ms"`` (medians), ``"speedup"`` (measured: base_ms / compressed_ms, not
     SR), ``"base"``, ``"compressed"`` (full :class:`LatencyStats` dicts), ``"batch"``, ``"threads"``,
-    ``"device"``, ``"repeats"``, ``"warmup"``, ``"fold_bn"}``.
+    ``"device"``, ``"repeats"``, ``"warmup"``, ``"fold_bn"``, ``"runtime"``, ``"memory_format"}``.
     """
     with _num_threads(threads):
         used_threads = torch.get_num_threads()
         st = interleaved_latency({"base": base, "compressed": compressed}, example_input, warmup=warmup,
-                                 repeats=repeats, device=device, fold_bn=fold_bn, runtime=runtime)
+                                 repeats=repeats, device=device, fold_bn=fold_bn, runtime=runtime,
+                                 memory_format=memory_format)
     sb, sc = st["base"], st["compressed"]
     return {
         "base_ms": sb.median_ms,
@@ -250,4 +297,5 @@ def compare_latency(
         "warmup": int(warmup),
         "fold_bn": bool(fold_bn),
         "runtime": runtime,
+        "memory_format": memory_format,
     }

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from .batchnorm import fold_batchnorm
 from .cost import LayerGeometry, record_geometry
-from .latency import _num_threads, onnx_session
+from .latency import _num_threads, check_memory_format, onnx_session, to_memory_format
 from .surgery import unwrap
 from .utils import atomic_write_text, resolve_device
 
@@ -401,6 +401,7 @@ class _Timing:
     device: torch.device
     repeats: int
     warmup: int
+    memory_format: str = "contiguous"
 
 
 def _median_ms(run: Callable[[], Any], timing: _Timing, sync: bool) -> float:
@@ -428,6 +429,9 @@ def _time_module(module: nn.Module, inputs: tuple[Tensor, ...], timing: _Timing)
         return _median_ms(lambda: sess.run(None, feed), timing, sync=False)
     module = module.to(timing.device)
     inputs = tuple(t.to(timing.device) for t in inputs)
+    if timing.memory_format == "channels_last":  # inside an NHWC network every op sees NHWC activations
+        module = to_memory_format(module, "channels_last")
+        inputs = tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in inputs)
     with torch.inference_mode():
         return _median_ms(lambda: module(*inputs), timing, sync=timing.device.type == "cuda")
 
@@ -447,6 +451,7 @@ class _OpCache:
         tag = json.dumps(env, sort_keys=True)
         slug = "".join(c if c.isalnum() else "-" for c in env["device"].split(":", 1)[0])
         self.path = Path(directory) / (f"{slug}-{env['runtime'].split('-', 1)[0]}-t{env['threads']}-b{env['batch']}"
+                                       f"{'-nhwc' if env.get('memory_format') == 'channels_last' else ''}"
                                        f"-{hashlib.sha256(tag.encode()).hexdigest()[:12]}.json")
         self.entries: dict[str, float] = self._read()
         self.dirty = False
@@ -454,7 +459,8 @@ class _OpCache:
     def key(self, op_key: str) -> str:
         """The full cache key of an op (environment + shape)."""
         e = self.env
-        return f"{e['device']}|{e['runtime']}|threads={e['threads']}|batch={e['batch']}|{op_key}"
+        layout = e.get("memory_format", "contiguous")
+        return f"{e['device']}|{e['runtime']}|threads={e['threads']}|batch={e['batch']}|{layout}|{op_key}"
 
     def _read(self) -> dict[str, float]:
         if not self.path.exists():
@@ -598,6 +604,7 @@ class LatencyTable:
         warmup: int = 3,
         progress: bool = True,
         device: str | torch.device | None = None,
+        memory_format: str = "contiguous",
     ) -> LatencyTable:
         """Measure the table for ``model`` (layer sizes from one forward pass of ``example_input``).
 
@@ -617,11 +624,15 @@ class LatencyTable:
             repeats, warmup: each op's latency is the median of ``repeats`` timed runs after ``warmup`` runs.
             progress: a tqdm bar while measuring.
             device: ``'cpu'`` (default) or ``'cuda[:N]'`` (runs synchronized; eager only).
+            memory_format: ``'contiguous'`` (NCHW) or ``'channels_last'`` (NHWC weights and activations; eager only):
+                the layout the deployed network will run in (:func:`ltc.latency.to_memory_format`). Part of the
+                cache key.
         """
         t_start = time.perf_counter()
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {', '.join(map(repr, RUNTIMES))}, got {runtime!r}")
         grid = cls._grid(rank_multiple, small_ranks, core_points, conv_scheme)
+        check_memory_format(memory_format, runtime)
         batch = _check_int("batch", batch, 1)
         repeats, warmup = _check_int("repeats", repeats, 1), _check_int("warmup", warmup, 0)
         if threads is not None:
@@ -634,9 +645,9 @@ class LatencyTable:
         chosen = cls._layers(model, geoms, layers)
         used_threads = int(threads) if threads is not None else torch.get_num_threads()
         env = {"device": _device_name(dev), "runtime": _runtime_tag(runtime), "threads": used_threads,
-               "batch": batch, "dtype": "float32"}
+               "batch": batch, "dtype": "float32", "memory_format": memory_format}
         cache = _OpCache(Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(), env)
-        timing = _Timing(runtime, used_threads, dev, repeats, warmup)
+        timing = _Timing(runtime, used_threads, dev, repeats, warmup, memory_format)
 
         # plan: every op of every part at every grid rank (collected by a dry run of the assembly)
         specs: dict[str, OpSpec] = {}

@@ -290,10 +290,11 @@ def compress_run(cfg: dict[str, Any], base_ref: str | Path, out: Path, *, resume
                       calibration_loader=calibration_images(bundle, info["seed"]), config=ccfg, checkpoint_dir=out,
                       resume=resume, progress=False)
     small = result.model.cpu().eval()
+    layout = ccfg.latency_memory_format
     say(f"[latency] CPU, batch 1, {_plural(r['latency_threads'], 'thread')}, BatchNorm folded, "
-        f"{r['latency_repeats']} interleaved runs of each model")
+        f"{'' if layout == 'contiguous' else layout + ', '}{r['latency_repeats']} interleaved runs of each model")
     lat = compare_latency(base.model.cpu().eval(), small, _example(bundle.input_shape), threads=r["latency_threads"],
-                          repeats=r["latency_repeats"], device="cpu", fold_bn=True)
+                          repeats=r["latency_repeats"], device="cpu", fold_bn=True, memory_format=layout)
     run = RunResult.from_compression(result, model=base.name, dataset=info["name"], label=label,
                                      latency={"batch1": lat}, data=info, base_run=str(base_ref),
                                      model_config=getattr(small, "ltc_config", None), config=cfg)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .latency import memory_format_of, to_memory_format
 from .layers import LowRankLinear, MatrixLowRankConv2d, Tucker2Conv2d
 from .surgery import replace_modules, unwrap
 from .tensor import LowRankFactors, Tucker2Factors
@@ -97,6 +98,7 @@ def _structure(model: nn.Module) -> dict[str, Any]:
         "layers": layers,
         "plain": _plain_layers(model),
         "dtype": str(dtypes[0]).removeprefix("torch.") if dtypes else None,
+        "memory_format": memory_format_of(model),
         "torch_version": torch.__version__,
     }
 
@@ -448,6 +450,8 @@ def load(path: PathLike, model: nn.Module | None = None, *, map_location: Any = 
     state = obj["state_dict"]
     _check_state_dict(net, state, root, spath)
     net.load_state_dict(state, strict=True)
+    if structure.get("memory_format") == "channels_last":  # load_state_dict copies into the new (NCHW) weights
+        to_memory_format(net, "channels_last")
     if isinstance(map_location, str | torch.device):
         net = net.to(map_location)
     return net.eval()

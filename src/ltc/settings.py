@@ -34,6 +34,8 @@ WEIGHTINGS = ("relative", "absolute")
 """How layers' errors compare in the C step (see :class:`~ltc.engine.LCEngine`)."""
 METRICS = ("weight", "data")
 """How a layer's approximation error is measured: in weight space, or on the layer's inputs (data-aware)."""
+MEMORY_FORMATS = ("contiguous", "channels_last")
+"""Layouts a network is timed and run in under eager PyTorch: NCHW (PyTorch's default) or NHWC weights."""
 
 
 def is_number(v: Any) -> bool:
