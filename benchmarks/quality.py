@@ -129,8 +129,8 @@ def protocol_rows(ablation: bool = True) -> list[Row]:
                 main += [Row(dataset, model, method, target, s) for s in range(seeds) for method in METHODS]
 
     def rank(r: Row) -> tuple[int, ...]:
-        if r.group == "speed":
-            return (6, 0)
+        if r.group == "speed":  # after the main rows, before the ablation's other seeds
+            return (4, 1)
         if r.group == "ablation":
             return (0 if r.seed == 0 else 5, r.seed)
         if (r.dataset, r.model, r.target) == HEADLINE:

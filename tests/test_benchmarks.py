@@ -40,6 +40,23 @@ def test_quality_protocol_is_the_issue_s() -> None:
     assert quality.EPOCHS == 15
 
 
+def test_speed_pair_asks_one_row_for_a_measured_speed_up_and_the_other_for_an_sr(tmp_path: Path) -> None:
+    """The latency-cost row's config is budget mode on measured latency (no MAC target beside it, which the settings
+    would refuse); the MAC-cost row is the headline's LTC at its SR. Both are named by what they ask for."""
+    base = ltc.runs.LoadedModel(models.create("small_cnn", num_classes=10, in_channels=1), path=tmp_path / "m.pt",
+                                run_dir=None, data={"source": "digits"}, result={}, meta={})
+    speed = [r for r in quality.protocol_rows() if r.group == "speed"]
+    lat, mac = speed
+    assert lat.id == f"cifar10/resnet34_cifar/ltc-latency/x{quality.SPEED_TARGET:g}/seed0"
+    assert mac.id == f"cifar10/resnet34_cifar/ltc-macs/sr{quality.SPEED_MAC_SR:g}/seed0"
+    c = quality.row_config(lat, 15, base)["compress"]
+    assert (c["cost"], c["target_speedup"], c["target_sr"], c["epochs"]) == ("latency", quality.SPEED_TARGET, None, 15)
+    fields = ltc.CompressConfig.__dataclass_fields__
+    ltc.CompressConfig(**{k: v for k, v in c.items() if k in fields and v is not None})  # the settings accept it
+    m = quality.row_config(mac, 15, base)["compress"]
+    assert (m["target_sr"], m.get("target_speedup")) == (quality.SPEED_MAC_SR, None) and m["cost"] in (None, "macs")
+
+
 def test_rows_with_equal_settings_share_a_run_folder(tmp_path: Path) -> None:
     """A main row whose resolved settings equal an ablation row's reuses its run (the folder hashes the settings),
     and any difference in a setting gives another folder."""
