@@ -566,9 +566,9 @@ def test_compare_latency_reports_consistent_medians_and_times_both_models_alike(
         net.register_forward_hook(lambda m, i, o, name=name: calls[name].append(m.training))
     res = compare_latency(big, tiny, torch.zeros(1, 3, 16, 16), threads=1, warmup=2, repeats=7)
     assert set(res) == {"base_ms", "compressed_ms", "speedup", "base", "compressed", "batch", "threads", "device",
-                        "repeats", "warmup", "fold_bn", "runtime"}
+                        "repeats", "warmup", "fold_bn", "runtime", "memory_format"}
     assert (res["batch"], res["threads"], res["device"], res["repeats"], res["warmup"], res["fold_bn"],
-            res["runtime"]) == (1, 1, "cpu", 7, 2, False, "eager")
+            res["runtime"], res["memory_format"]) == (1, 1, "cpu", 7, 2, False, "eager", "contiguous")
     assert calls == {"base": [False] * 9, "compressed": [False] * 9}  # every run timed in eval mode
     assert big.training and tiny.training  # the train/eval flags are put back
     for side in ("base", "compressed"):
