@@ -299,7 +299,7 @@ def markdown(doc: dict[str, Any]) -> str:
         key = (r["dataset"], r["model"], r["target_sr"] if r["group"] != "speed" else 0.0, r["group"])
         groups.setdefault(key, []).append(r)
     for (dataset, model, target, group), runs in sorted(groups.items(), key=lambda kv: (kv[0][3], kv[0][:3])):
-        title = {"ablation": "Ablation of the LC recipe", "speed": "Quality at equal measured speed-up"}.get(group,
+        title = {"ablation": "Ablation of the LC recipe", "speed": "Quality at a measured speed-up"}.get(group,
                                                                                                           "Methods")
         goal = f"target SR {target:g}" if group != "speed" else (
             f"latency cost at target_speedup {SPEED_TARGET:g} against MAC cost at SR {SPEED_MAC_SR:g}")
