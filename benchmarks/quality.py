@@ -99,9 +99,14 @@ class Row:
     overrides: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def speedup(self) -> float | None:
+        """The measured speed-up the row asks for (``target_speedup``), or ``None`` for a MAC target (``target``)."""
+        return self.overrides.get("target_speedup")
+
+    @property
     def id(self) -> str:
         name = self.variant or self.method
-        goal = f"x{self.overrides['target_speedup']:g}" if "target_speedup" in self.overrides else f"sr{self.target:g}"
+        goal = f"x{self.speedup:g}" if self.speedup is not None else f"sr{self.target:g}"
         return f"{self.dataset}/{self.model}/{name}/{goal}/seed{self.seed}"
 
     def folder(self, root: Path, cfg: dict[str, Any]) -> Path:
@@ -152,7 +157,7 @@ def row_config(row: Row, epochs: int, base: Any) -> dict[str, Any]:
     """The run config of a row: the library's defaults, the protocol's budget, the row's overrides."""
     from ltc import config as cfgmod
 
-    goal = {} if "target_speedup" in row.overrides else {"target_sr": row.target}
+    goal = {} if row.speedup is not None else {"target_sr": row.target}
     compress = {"method": row.method, **goal, "epochs": epochs, **row.overrides}
     if row.method in ("ltc", "lrc"):
         from ltc.api import CompressConfig
@@ -255,8 +260,8 @@ def run_record(row: Row, folder: Path) -> dict[str, Any]:
     return {
         "id": row.id, "group": row.group, "variant": row.variant or None, "dataset": row.dataset, "model": row.model,
         "width": WIDTH, "method": row.method,
-        "target_sr": None if "target_speedup" in row.overrides else row.target,
-        "target_speedup": row.overrides.get("target_speedup"), "seed": row.seed, "sr": r.sr, "cr": r.cr,
+        "target_sr": None if row.speedup is not None else row.target, "target_speedup": row.speedup,
+        "seed": row.seed, "sr": r.sr, "cr": r.cr,
         "acc": (r.compressed or {}).get("acc"), "acc_before_finetune": (r.compressed or {}).get("acc_before_finetune"),
         "base_acc": (r.base or {}).get("acc"), "epochs": (r.plan or {}).get("total"), "plan": r.plan,
         "w_theta_final": r.w_theta_final, "w_theta_final_metric": metric_distance(r),

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from .batchnorm import recalibrate_batchnorm
 from .cost import Profile, format_count, profile
 from .engine import EngineSettings
-from .latency import to_memory_format
+from .latency import check_memory_format, to_memory_format
 from .methods import get_method
 from .settings import MEMORY_FORMATS, OPTIMIZERS, check_choice, check_int, check_number
 from .surgery import unwrap
@@ -203,10 +203,8 @@ class CompressConfig:
         check_int("latency_threads", self.latency_threads, ge=1, optional=True)
         check_int("latency_batch", self.latency_batch, ge=1)
         check_choice("latency_memory_format", self.latency_memory_format, MEMORY_FORMATS)
-        if self.latency_memory_format != "contiguous" and self.latency_runtime != "eager":
-            raise ValueError(f"latency_memory_format={self.latency_memory_format!r} is a PyTorch (eager) layout; ONNX "
-                             "Runtime chooses its own: use latency_memory_format='contiguous' with "
-                             "latency_runtime='onnxruntime'")
+        check_memory_format(self.latency_memory_format, self.latency_runtime,
+                            names=("latency_memory_format", "latency_runtime"))
         EngineSettings(**self._engine_values())  # the engine's own checks: one message per bad value everywhere
         method.check(self.lam, self._target(), self.method_options)
         if method.name == "prune":

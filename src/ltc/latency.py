@@ -22,8 +22,7 @@ from .settings import MEMORY_FORMATS
 from .utils import resolve_device
 
 __all__ = ["LatencyStats", "measure_latency", "compare_latency", "interleaved_latency", "onnx_session",
-           "MEMORY_FORMATS", "to_memory_format"]
-
+           "MEMORY_FORMATS", "to_memory_format", "memory_format_of"]
 
 
 @dataclass(frozen=True)
@@ -42,13 +41,16 @@ class LatencyStats:
         return f"{self.median_ms:.3f} ms (p10 {self.p10_ms:.3f}, p90 {self.p90_ms:.3f}, n={self.repeats})"
 
 
-def check_memory_format(memory_format: str, runtime: str = "eager") -> str:
-    """``memory_format`` if it is one of :data:`MEMORY_FORMATS` and fits ``runtime``; a ValueError otherwise."""
+def check_memory_format(memory_format: str, runtime: str = "eager", *,
+                        names: tuple[str, str] = ("memory_format", "runtime")) -> str:
+    """``memory_format`` if it is one of :data:`MEMORY_FORMATS` and fits ``runtime``; a ValueError otherwise, naming
+    the two settings as ``names`` (the caller's own names for them)."""
+    fmt_name, rt_name = names
     if memory_format not in MEMORY_FORMATS:
-        raise ValueError(f"memory_format must be one of {', '.join(map(repr, MEMORY_FORMATS))}, got {memory_format!r}")
+        raise ValueError(f"{fmt_name} must be one of {', '.join(map(repr, MEMORY_FORMATS))}, got {memory_format!r}")
     if memory_format != "contiguous" and runtime != "eager":
-        raise ValueError(f"memory_format={memory_format!r} is a PyTorch (eager) layout; ONNX Runtime chooses its own "
-                         "layout: use memory_format='contiguous' with runtime='onnxruntime'")
+        raise ValueError(f"{fmt_name}={memory_format!r} is a PyTorch (eager) layout; ONNX Runtime chooses its own "
+                         f"layout: use {fmt_name}='contiguous' with {rt_name}='onnxruntime'")
     return memory_format
 
 
@@ -64,8 +66,9 @@ def to_memory_format(model: nn.Module, memory_format: str) -> nn.Module:
 
 
 def memory_format_of(model: nn.Module) -> str:
-    """``'channels_last'`` when every 4-D parameter of ``model`` with more than one spatial element or channel is
-    stored NHWC, else ``'contiguous'`` (a model without conv weights is ``'contiguous'``)."""
+    """``'channels_last'`` when every 4-D parameter of ``model`` whose two layouts differ is stored NHWC, else
+    ``'contiguous'``. Weights such as ``(out, in, 1, 1)`` are both at once and do not count; a model with no other
+    4-D weight is ``'contiguous'``."""
     ws = [p for p in model.parameters() if p.dim() == 4 and not p.is_contiguous()]
     if ws and all(p.is_contiguous(memory_format=torch.channels_last) for p in ws):
         return "channels_last"
