@@ -5,8 +5,12 @@ speed-up misses by more than 10 %, at most 3 times, logged)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -15,7 +19,7 @@ import ltc.api
 import ltc.latency
 from ltc import CompressConfig
 from ltc.cost import record_geometry
-from ltc.latency_table import LatencyTable
+from ltc.latency_table import LatencyTable, calibrated_speedup, savings_scale, table_target
 
 
 class Net(nn.Module):
@@ -112,13 +116,62 @@ def test_latency_cost_defaults_to_hardware_friendly_ranks() -> None:
     assert CompressConfig(method="ltc", target_speedup=2.0, rank_multiple=4).resolved_rank_multiple() == 4
 
 
-def test_unreachable_target_speedup_is_refused_with_the_best_reachable(table, monkeypatch) -> None:
-    _measured_as(1.0, monkeypatch)
-    with pytest.raises(ValueError, match=r"target speed-up \(latency table\) 50 is out of reach: .* the model "
-                                         r"reaches (\d+\.?\d*)") as info:
+def _table_best(table: LatencyTable) -> float:
+    """The fastest speed-up the table predicts for Net (every conv at its fastest option), from the engine's own
+    refusal."""
+    with pytest.raises(ltc.engine.UnreachableTarget) as info:
+        ltc.LTC(Net(), X, target_sr=1e6, cost="latency", latency_table=table, rank_multiple=8).start()
+    return info.value.best
+
+
+def test_unreachable_target_speedup_is_refused_on_the_clock_with_the_best_measured(table, monkeypatch) -> None:
+    """The table cannot reach 50x: its fastest configuration is deployed and timed (here at 0.9 x the table's
+    prediction), and the refusal names that measured speed-up, before any training."""
+    best = _table_best(table)
+    calls = _measured_as(0.9, monkeypatch)
+    with pytest.raises(ValueError) as info:
         ltc.compress(Net(), _loader(), method="oneshot", target_speedup=50.0, epochs=0, progress=False)
-    best = float(str(info.value).split("reaches ")[1].split(";")[0])
-    assert 1.0 < best < 50.0
+    msg = str(info.value)
+    assert msg.startswith("target_speedup 50 is out of reach on this machine")
+    assert f"measures {0.9 * best:.2f}x" in msg and f"predicted {best:.2f}x" in msg
+    assert f"lower the target to at most {0.9 * best:.2f}" in msg
+    assert calls[0] == pytest.approx(0.9 * best)
+
+
+def test_a_target_the_table_refuses_is_met_when_the_clock_beats_the_table(table, monkeypatch) -> None:
+    """The table under-predicts by 15 %: a target 1.1 x beyond the table's fastest is within 10 % on the clock, so
+    it is not refused; the run keeps the table's fastest configuration."""
+    best = _table_best(table)
+    _measured_as(1.15, monkeypatch)
+    target = 1.1 * best
+    r = ltc.compress(Net(), _loader(), method="oneshot", target_speedup=target, epochs=0, progress=False,
+                     recalibrate_bn=False)
+    sp = r.speedup
+    assert sp["table_best"] == pytest.approx(best) and sp["corrections"] == 0
+    assert sp["attempts"][0]["engine_target"] == pytest.approx(best)
+    assert sp["measured"] == pytest.approx(1.15 * best)
+
+
+@settings(max_examples=200, deadline=None)
+@given(p=st.floats(1.01, 50), b=st.floats(0.1, 3), t=st.floats(1.01, 50))
+def test_calibration_maths_round_trips(p: float, b: float, t: float) -> None:
+    """``savings_scale`` inverts ``calibrated_speedup`` and ``table_target`` inverts ``calibrated_speedup``; scale 1
+    is the table itself."""
+    s = calibrated_speedup(p, b)
+    if math.isfinite(s) and s < 1e6:
+        assert savings_scale(p, s) == pytest.approx(b, rel=1e-6)
+    q = table_target(t, b)
+    if math.isfinite(q):
+        assert calibrated_speedup(q, b) == pytest.approx(t, rel=1e-6)
+    else:
+        assert (1 - 1 / t) >= b
+    assert calibrated_speedup(p, 1.0) == pytest.approx(p) and table_target(t, 1.0) == pytest.approx(t)
+
+
+def test_calibration_of_a_slower_network_and_of_no_saving() -> None:
+    assert savings_scale(2.0, 0.8) == 0.05  # slower than the base: the floor, so the next target asks for more
+    assert savings_scale(1.0, 1.3) == 1.0  # nothing saved by the table: nothing to fit
+    assert table_target(2.0, 0.5) == math.inf  # half the saving never halves the time
 
 
 def test_a_prediction_within_10_percent_needs_no_correction(table, monkeypatch) -> None:
@@ -131,14 +184,16 @@ def test_a_prediction_within_10_percent_needs_no_correction(table, monkeypatch) 
 
 
 def test_a_missed_target_is_corrected_by_retargeting(table, monkeypatch) -> None:
-    """The table predicts a third too much: the first deployment measures 0.75 x its prediction, the loop re-targets
-    the C step at predicted x target / measured, and the network it keeps lands within 10 % of the target."""
+    """The table predicts a third too much: the first deployment measures 0.75 x its prediction, the loop calibrates
+    the table's savings on it and re-targets the C step at the table speed-up that measures the target under that
+    calibration; the network it keeps lands within 10 % of the target."""
     calls = _measured_as(0.75, monkeypatch)
     r = ltc.compress(Net(), _loader(), method="oneshot", target_speedup=2.0, epochs=0, progress=False,
                      recalibrate_bn=False)
     att = r.speedup["attempts"]
     assert r.speedup["corrections"] == len(att) - 1 >= 1 and len(calls) == len(att)
-    assert att[1]["engine_target"] == pytest.approx(att[0]["predicted"] * 2.0 / att[0]["measured"])
+    b = savings_scale(att[0]["predicted"], att[0]["measured"])
+    assert att[0]["scale"] == pytest.approx(b) and att[1]["engine_target"] == pytest.approx(table_target(2.0, b))
     assert abs(r.speedup["measured"] / 2.0 - 1) <= 0.10
     assert att[0]["sr"] < att[r.speedup["chosen_attempt"]]["sr"]  # it compressed harder than the table said
     kept = att[r.speedup["chosen_attempt"]]
@@ -146,32 +201,36 @@ def test_a_missed_target_is_corrected_by_retargeting(table, monkeypatch) -> None
 
 
 def test_corrections_stop_after_three(table, monkeypatch) -> None:
-    """Every timing misses the target by 30 % or more, however the engine is re-targeted: the loop times the first
-    deployment and exactly MAX_CORRECTIONS = 3 corrections, then gives up and keeps the attempt that came closest
-    (the third, measured at 0.7 x target), leaving the engine at its ranks."""
-    target, fractions = 1.5, [0.5, 0.6, 0.7, 0.55]
-    assert ltc.api.MAX_CORRECTIONS == 3 and all(abs(f - 1) > 2 * ltc.api.SPEEDUP_TOLERANCE for f in fractions)
-    calls = _measured_as(fractions, monkeypatch, of_target=target)
+    """A clock whose bias flips between 0.7 and 1.4 x the table's prediction at every deployment: each calibration
+    is wrong for the next network, so every attempt misses by more than 10 %; the loop times the first deployment
+    and exactly MAX_CORRECTIONS = 3 corrections, then gives up and keeps the attempt that came closest, leaving
+    the engine at its ranks."""
+    target, fractions = 4.0, [0.7, 1.4, 0.7, 1.4]
+    assert ltc.api.MAX_CORRECTIONS == 3
+    calls = _measured_as(fractions, monkeypatch)
     r = ltc.compress(Net(), _loader(), method="oneshot", target_speedup=target, epochs=0, progress=False,
                      recalibrate_bn=False)
     sp = r.speedup
     att = sp["attempts"]
     assert sp["corrections"] == 3 and len(att) == len(calls) == 4  # the first timing, then one per correction
-    assert sp["stopped"] is None and sp["target"] == target
-    assert [a["measured"] for a in att] == pytest.approx([f * target for f in fractions])
+    assert sp["stopped"] is None and sp["target"] == target and sp["table_best"] is None
+    expected = [f * a["predicted"] for f, a in zip(fractions, att, strict=True)]
+    assert [a["measured"] for a in att] == pytest.approx(expected)
+    assert all(abs(a["measured"] / target - 1) > ltc.api.SPEEDUP_TOLERANCE for a in att)
     assert att[0]["engine_target"] == target
-    for prev, nxt in zip(att, att[1:], strict=False):  # each correction re-targets at predicted x target / measured
-        assert nxt["engine_target"] == pytest.approx(prev["predicted"] * target / prev["measured"])
+    for prev, nxt in zip(att, att[1:], strict=False):  # each correction re-targets on the last calibration
+        assert nxt["engine_target"] == pytest.approx(table_target(target, prev["scale"]))
     for a in att:
-        assert set(a) == {"engine_target", "predicted", "measured", "base_ms", "compressed_ms", "sr"}
+        assert set(a) == {"engine_target", "predicted", "measured", "base_ms", "compressed_ms", "sr", "scale"}
         assert a["predicted"] >= a["engine_target"] and a["base_ms"] > 0 and a["compressed_ms"] > 0
     assert len({a["sr"] for a in att}) == 4  # every correction deployed another network: none stopped early
-    assert sp["chosen_attempt"] == 2
-    assert (sp["predicted"], sp["measured"]) == (att[2]["predicted"], att[2]["measured"])
+    k = sp["chosen_attempt"]
+    assert all(abs(att[k]["measured"] / target - 1) <= abs(a["measured"] / target - 1) for a in att)
+    assert (sp["predicted"], sp["measured"]) == (att[k]["predicted"], att[k]["measured"])
     # the engine went back to the kept attempt's ranks: the C steps are the first, 3 corrections and the return
-    assert len(r.history) == 5 and r.history[-1]["ranks"] == r.history[2]["ranks"]
-    assert r.sr == pytest.approx(att[2]["sr"])
-    assert r.history[-1]["predicted_speedup"] == pytest.approx(att[2]["predicted"])
+    assert len(r.history) == 5 and r.history[-1]["ranks"] == r.history[k]["ranks"]
+    assert r.sr == pytest.approx(att[k]["sr"])
+    assert r.history[-1]["predicted_speedup"] == pytest.approx(att[k]["predicted"])
 
 
 @pytest.mark.parametrize("compress_linear", [False, True])
@@ -186,18 +245,35 @@ def test_the_run_times_only_the_layers_it_compresses(compress_linear: bool, monk
     assert seen["layers"] == convs + (["fc"] if compress_linear else [])
 
 
-def test_a_correction_beyond_the_tables_reach_keeps_the_closest_attempt(table, monkeypatch) -> None:
-    """Near the fastest the table allows, a table that over-predicts asks the correction for more than it can give:
-    the loop stops there (saying why) and keeps what it reached, instead of failing the run."""
-    _measured_as(1.0, monkeypatch)
-    with pytest.raises(ValueError) as info:
-        ltc.compress(Net(), _loader(), method="oneshot", target_speedup=50.0, epochs=0, progress=False)
-    best = float(str(info.value).split("reaches ")[1].split(";")[0])
-    target = 0.95 * best
+def test_a_correction_beyond_the_tables_reach_deploys_the_fastest_once_then_keeps_the_closest(
+        table, monkeypatch) -> None:
+    """After training (no refusal), a table that over-predicts asks the correction for more than it can give: the
+    loop deploys the table's fastest configuration once, stops there (saying why) and keeps the closest attempt;
+    before training (``ltc.compress``) the same timings refuse the target with the fastest measured."""
+    best = _table_best(table)
+    target = 0.7 * best
     calls = _measured_as(0.5, monkeypatch)
-    r = ltc.compress(Net(), _loader(), method="oneshot", target_speedup=target, epochs=0, progress=False,
+    e = ltc.LTC(Net(), X, target_sr=target, cost="latency", latency_table=table, rank_multiple=8)
+    sp = ltc.api.meet_speedup(e, Net(), X, target)
+    att = sp["attempts"]
+    assert len(att) == len(calls) == 2 and att[0]["engine_target"] == target and att[0]["predicted"] < best
+    assert att[1]["engine_target"] == pytest.approx(best)
+    assert sp["table_best"] == pytest.approx(best) and "beyond the table's fastest" in sp["stopped"]
+    assert sp["chosen_attempt"] == 1 and sp["measured"] == pytest.approx(0.5 * best)
+    with pytest.raises(ValueError, match=f"measures {0.5 * best:.2f}x"):
+        ltc.compress(Net(), _loader(), method="oneshot", target_speedup=target, epochs=0, progress=False)
+
+
+def test_a_learning_run_calibrates_before_training_and_checks_again_after(table, monkeypatch) -> None:
+    """``ltc`` with L steps: one timing before training (the calibration, at the first C step), one after the L
+    steps moved the weights; a one-shot run (no L steps) times once."""
+    calls = _measured_as(1.0, monkeypatch)
+    r = ltc.compress(Net(), _loader(), method="ltc", target_speedup=1.5, epochs=2, steps=1, progress=False,
                      recalibrate_bn=False)
-    assert r.speedup["corrections"] == 0 and len(calls) == 1
-    # the correction asked for predicted x target / measured = 2 x target
-    assert f"target speed-up (latency table) {2 * target:g} is out of reach" in r.speedup["stopped"]
-    assert r.speedup["measured"] == pytest.approx(0.5 * r.speedup["predicted"])
+    assert len(calls) == 2 and r.speedup["corrections"] == 0
+    assert r.speedup["measured"] == pytest.approx(r.speedup["predicted"])
+    assert r.history[0]["step"] == 0 and len(r.history) >= 2  # the calibration's C step, then the L steps'
+    calls.clear()
+    ltc.compress(Net(), _loader(), method="oneshot", target_speedup=1.5, epochs=1, progress=False,
+                 recalibrate_bn=False)
+    assert len(calls) == 1

@@ -91,8 +91,10 @@ class CompressConfig:
     ``target_speedup``, else 'macs'); ``latency_memory_format``: the layout the deployed network runs in under eager
     PyTorch, ``'contiguous'`` (NCHW) or ``'channels_last'`` (NHWC, measurably faster for factorised networks on the
     CPU): the latency table, the measured speed-up and the returned model all use it;
-    ``target_speedup``: the measured speed-up to reach (the deployed network is timed against the base, BatchNorm
-    folded, and re-targeted while it misses by more than 10 %, at most 3 times; ``Result.speedup`` logs it);
+    ``target_speedup``: the measured speed-up to reach (before training, the table is calibrated on one timed
+    deployment and an unreachable target refused on the clock; after training, the deployed network is timed against
+    the base, BatchNorm folded, and re-targeted on the calibrated table while it misses by more than 10 %, at most 3
+    times; ``Result.speedup`` logs it: see :func:`meet_speedup`);
     layer globs; ``compress_linear``; ``min_rank``; ``rank_multiple`` (ranks multiples of it; default 8 for the
     latency cost, else 1);
     ``n_iter`` (HOOI sweeps); ``weighting`` and ``metric`` (see :class:`~ltc.engine.LCEngine`; ``metric='data'``
@@ -501,7 +503,12 @@ def compress(
     if plan.lc_epochs:
         sched = cfg.schedule(_len(train_loader), comp.scale_range)
         comp.set_schedule(**{k: v for k, v in sched.items() if k != "mu_final"})
-    if ckpt is None:
+    speed: dict[str, Any] = {}
+    if ckpt is None and cfg.target_speedup is not None:
+        # calibrate the table on the clock before any training: the L steps aim at the table target that measures
+        # target_speedup on the base weights, and an unreachable target is refused on a measurement
+        speed = _meet(comp, model, example_input, cfg, refuse=True)
+    elif ckpt is None:
         comp.start()  # the first C step (or the rank rule) checks the target's reachability before any training
     if base_acc is None and val_loader is not None:
         base_acc = (ckpt["extra"] or {}).get("base_acc") if ckpt is not None else _acc(work, val_loader, device, cfg)
@@ -541,11 +548,10 @@ def compress(
         lc_done = int(ckpt["extra"].get("lc_epochs_done", plan.lc_epochs))  # type: ignore[index]
 
     # ---------------------------------------------------------------- deploy, re-estimate BatchNorm, fine-tune
-    speed: dict[str, Any] = dict(ckpt["extra"].get("speedup") or {}) if stage == "finetune" else {}  # type: ignore
-    if cfg.target_speedup is not None and stage != "finetune":
-        speed = meet_speedup(comp, model, example_input, cfg.target_speedup, runtime=cfg.latency_runtime,
-                             threads=cfg.latency_threads, batch=cfg.latency_batch,
-                             memory_format=cfg.latency_memory_format)
+    if stage == "finetune":
+        speed = dict(ckpt["extra"].get("speedup") or {})  # type: ignore[index]
+    elif cfg.target_speedup is not None and (plan.lc_epochs or ckpt is not None):  # the L steps moved the ranks
+        speed = _meet(comp, model, example_input, cfg)
     small = comp.compressed_model().to(device)
     if stage == "finetune":
         acc_before = ckpt["extra"].get("acc_before")  # type: ignore[index]
@@ -644,24 +650,47 @@ def _latency_table(model: nn.Module, example_input: Tensor, cfg: CompressConfig,
                               progress=progress and is_main_process())
 
 
+def _meet(comp: Any, base: nn.Module, example_input: Tensor, cfg: CompressConfig, refuse: bool = False) -> Any:
+    return meet_speedup(comp, base, example_input, cfg.target_speedup, runtime=cfg.latency_runtime,
+                        threads=cfg.latency_threads, batch=cfg.latency_batch,
+                        memory_format=cfg.latency_memory_format, refuse=refuse)
+
+
 def meet_speedup(comp: Any, base: nn.Module, example_input: Tensor, target: float, *, runtime: str = "eager",
                  threads: int | None = None, batch: int = 1, repeats: int = 20,
-                 memory_format: str = "contiguous") -> dict[str, Any]:
+                 memory_format: str = "contiguous", refuse: bool = False) -> dict[str, Any]:
     """Make a budget-mode latency engine's deployed network reach ``target`` measured speed-up over ``base``.
 
     Times the deployed network against the base (interleaved, BatchNorm folded, ``runtime`` with ``threads`` at
-    ``batch``, both in ``memory_format``). While the measured speed-up misses ``target`` by more than 10 %, corrects
-    the table's bias: re-targets the C step at ``predicted x target / measured`` and re-deploys (at most
-    :data:`MAX_CORRECTIONS` times, stopping when the ranks repeat, or when the corrected target is beyond what the
-    table can reach). The attempt closest to
-    the target is kept (the engine is left at it). Returns ``{"target", "predicted", "measured", "corrections",
-    "chosen_attempt", "attempts": [...], "stopped", "runtime", "memory_format"}`` (``stopped``: why corrections ended
-    early, else ``None``)."""
+    ``batch``, both in ``memory_format``). While the measured speed-up misses ``target`` by more than 10 %, the
+    table is calibrated on that measurement (:func:`ltc.latency_table.savings_scale`: measured time = base − b ·
+    the table's saving) and the C step re-targeted at the table speed-up that gives ``target`` under it
+    (:func:`ltc.latency_table.table_target`), at most :data:`MAX_CORRECTIONS` times, stopping when the ranks repeat.
+    A calibrated target beyond the table's reach deploys the table's fastest configuration once (then stops).
+
+    An engine that has not started is started at ``target``; when the table says ``target`` is out of reach it is
+    started at the table's fastest configuration instead, so reachability is decided on the clock: with
+    ``refuse=True`` (``ltc.compress`` before training) a ``ValueError`` names the best measured speed-up when the
+    fastest configuration measured misses ``target`` by more than 10 %. The attempt closest to the target is kept
+    (the engine is left at it). Returns ``{"target", "predicted", "measured", "corrections", "chosen_attempt",
+    "attempts": [...], "stopped", "table_best", "runtime", "memory_format"}`` (``predicted``: the table's
+    uncalibrated prediction; ``stopped``: why corrections ended early, else ``None``; ``table_best``: the table's
+    fastest predicted speed-up when the table alone would have refused ``target``, else ``None``)."""
+    from .engine import UnreachableTarget
     from .latency import compare_latency
+    from .latency_table import savings_scale, table_target
 
     target = float(target)
     x = example_input[:1].expand(batch, *example_input.shape[1:]).contiguous().cpu()
     ref = copy.deepcopy(unwrap(base)).cpu().eval()
+    table_best: float | None = None
+    at_limit = False  # whether the table's fastest configuration was deployed and timed
+    if not comp.started:
+        try:
+            comp.retarget(target)
+        except UnreachableTarget as exc:
+            table_best = exc.best
+            comp.retarget(exc.best * (1 - 1e-12))
     attempts: list[dict[str, Any]] = []
     seen: list[dict[str, Any]] = []
     stopped: str | None = None
@@ -669,26 +698,40 @@ def meet_speedup(comp: Any, base: nn.Module, example_input: Tensor, target: floa
         small = comp.compressed_model().cpu().eval()
         lat = compare_latency(ref, small, x, threads=threads, repeats=repeats, fold_bn=True, runtime=runtime,
                               memory_format=memory_format)
-        attempts.append({"engine_target": comp.target, "predicted": comp.predicted_speedup,
-                         "measured": lat["speedup"], "base_ms": lat["base_ms"], "compressed_ms": lat["compressed_ms"],
-                         "sr": comp.sr})
+        p, s = comp.predicted_speedup, lat["speedup"]
+        attempts.append({"engine_target": comp.target, "predicted": p, "measured": s, "base_ms": lat["base_ms"],
+                         "compressed_ms": lat["compressed_ms"], "sr": comp.sr, "scale": savings_scale(p, s)})
         seen.append(dict(comp.ranks))
-        if abs(lat["speedup"] / target - 1) <= SPEEDUP_TOLERANCE or i == MAX_CORRECTIONS:
+        at_limit = at_limit or (table_best is not None and comp.target >= table_best * (1 - 1e-9))
+        if abs(s / target - 1) <= SPEEDUP_TOLERANCE or i == MAX_CORRECTIONS:
             break
+        scale = attempts[-1]["scale"]
         try:
-            comp.retarget(max(1.0, attempts[-1]["predicted"] * target / lat["speedup"]))
-        except ValueError as exc:  # the correction asks for more than the table can give: keep what was reached
-            stopped = str(exc)
-            break
+            comp.retarget(min(max(1.0, table_target(target, scale)), 1e12))  # inf: no table speed-up gives it
+        except UnreachableTarget as exc:  # beyond the table: its fastest configuration, measured once
+            stopped = (f"calibrated on the clock (measured saving = {scale:.2f} x the table's), {target:g}x is "
+                       f"beyond the table's fastest configuration ({exc.best:.2f}x predicted)")
+            if table_best is not None and comp.target >= exc.best * (1 - 1e-9):
+                break
+            table_best = exc.best
+            comp.retarget(exc.best * (1 - 1e-12))
         if dict(comp.ranks) in seen:  # the grid has no point in between: no progress left
             break
     best = min(range(len(attempts)), key=lambda k: abs(attempts[k]["measured"] / target - 1))
+    reached = max(a["measured"] for a in attempts)
+    if refuse and at_limit and reached < target * (1 - SPEEDUP_TOLERANCE):
+        raise ValueError(
+            f"target_speedup {target:g} is out of reach on this machine: the fastest of {len(attempts)} networks "
+            f"timed, the latency table's fastest configuration (every compressed layer at its fastest option, "
+            f"predicted {table_best:.2f}x) among them, measures {reached:.2f}x ({runtime}, {memory_format}, batch "
+            f"{batch}); lower the target to at most {reached:.2f}, compress more layers (include/compress_linear) "
+            "or lower min_rank")
     if dict(comp.ranks) != seen[best]:
         comp.retarget(attempts[best]["engine_target"])  # the same state and target give the same ranks again
     chosen = attempts[best]
     return {"target": target, "predicted": chosen["predicted"], "measured": chosen["measured"],
             "corrections": len(attempts) - 1, "chosen_attempt": best, "attempts": attempts,
-            "stopped": stopped, "runtime": runtime, "memory_format": memory_format}
+            "stopped": stopped, "table_best": table_best, "runtime": runtime, "memory_format": memory_format}
 
 
 def _teacher(model: nn.Module, device: torch.device) -> nn.Module:

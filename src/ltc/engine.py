@@ -47,7 +47,7 @@ from .settings import COSTS, METRICS, WEIGHTINGS, check_choice, check_int, check
 from .surgery import replace_modules, unwrap
 
 __all__ = ["LCEngine", "LTC", "LRC", "EngineSettings", "LayerState", "select_layers", "ENGINE_STATE_VERSION",
-           "check_lam_target", "deploy_ranks"]
+           "check_lam_target", "deploy_ranks", "UnreachableTarget"]
 
 log = logging.getLogger("ltc")
 
@@ -187,6 +187,15 @@ def select_layers(
     return chosen, skipped
 
 
+class UnreachableTarget(ValueError):
+    """A budget target beyond what every layer at its cheapest option reaches; ``best``: the target that is reached
+    then (SR, CR or the latency table's predicted speed-up, as the engine's cost)."""
+
+    def __init__(self, message: str, *, best: float) -> None:
+        super().__init__(message)
+        self.best = float(best)
+
+
 def _is_distributed() -> bool:
     return (
         torch.distributed.is_available()
@@ -303,9 +312,12 @@ class LCEngine:
         self.fixed_macs = self.base_macs - self.ref_macs
         if cfg.cost == "latency":
             self.latency_table.check_layers({n: s.geometry for n, s in self.layers.items()})
-            self.base_cost_latency = float(self.latency_table.model_ms)
             self.ref_latency = sum(self.latency_table.dense_ms(s.geometry) for s in self.layers.values())
-            self.fixed_latency = self.base_cost_latency - self.ref_latency
+            # the layers timed one by one can add up to more than the whole model timed at once (tiny networks,
+            # where the isolated timings carry overhead the model amortises): nothing is left fixed then, and the
+            # base is the layers' sum, so that a prediction never drops to zero time
+            self.fixed_latency = max(float(self.latency_table.model_ms) - self.ref_latency, 0.0)
+            self.base_cost_latency = self.fixed_latency + self.ref_latency
         self.c_ref = float({"macs": self.ref_macs, "params": self.ref_params}.get(cfg.cost) or
                            getattr(self, "ref_latency", 1.0))
 
@@ -651,10 +663,10 @@ class LCEngine:
             what = {"macs": "SR", "params": "CR", "latency": "speed-up (latency table)"}[kind]
             where = (f"at its fastest option (rank {self.min_rank} or up, or dense where that is faster)"
                      if kind == "latency" else f"at min_rank={self.min_rank}")
-            raise ValueError(
+            raise UnreachableTarget(
                 f"target {what} {self.target:g} is out of reach: with every compressed "
                 f"layer {where} the model reaches {best:.2f}; lower the target, "
-                "compress more layers (include/compress_linear) or lower min_rank"
+                "compress more layers (include/compress_linear) or lower min_rank", best=best
             )
         # Segments (ratio = error drop per added cost) of all hulls; every layer takes its segments in order.
         segs = []
@@ -844,15 +856,18 @@ class LCEngine:
 
     def retarget(self, target: float) -> None:
         """Budget mode: a C step for another target at the current weights and multipliers (no multiplier update, no
-        μ growth), recorded in ``history``. ``ltc.compress`` uses it when the measured speed-up of the deployed
-        network misses ``target_speedup``: the table's prediction is corrected by re-targeting."""
+        μ growth), recorded in ``history``; before :meth:`start`, the first C step at that target. Raises
+        :class:`UnreachableTarget` (the engine unchanged) when the target is beyond every option.
+        :func:`ltc.api.meet_speedup` uses it to calibrate the latency table on the clock."""
         if self.target is None:
             raise ValueError("retarget() needs budget mode (an engine built with target_sr)")
         check_number("target", target, ge=1)
-        self.start()
         old, self.target = self.target, float(target)
         try:
-            self._c_step()
+            if self.started:
+                self._c_step()
+            else:  # the first C step, at this target
+                self.start()
         except ValueError:  # out of reach: the engine stays at its last target and ranks
             self.target = old
             raise

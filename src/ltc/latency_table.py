@@ -56,7 +56,7 @@ from .surgery import unwrap
 from .utils import atomic_write_text, resolve_device
 
 __all__ = ["LatencyTable", "LayerLatency", "Curve", "Surface", "OpSpec", "measured_ranks", "core_ranks",
-           "default_cache_dir", "RUNTIMES", "PARTS"]
+           "default_cache_dir", "RUNTIMES", "PARTS", "savings_scale", "calibrated_speedup", "table_target"]
 
 log = logging.getLogger("ltc")
 
@@ -70,6 +70,37 @@ _FLUSH_SECONDS = 30.0  # write the cache at least this often while measuring (an
 
 Rank = int | tuple[int, int] | None
 LatencyFn = Callable[[LayerGeometry, str, Rank], float]
+
+
+# --------------------------------------------------------------------------------------------- calibration
+# The table predicts a network's time as  base − (what the chosen options save), summing per-layer timings taken in
+# isolation. On the clock the savings come out larger or smaller by a factor (cache effects, the per-op overhead the
+# isolated timings leave out): measured time ≈ base − b · saved. With saved / base = 1 − 1/p for a predicted
+# speed-up p, one measured speed-up s of a deployed network fits b, and the prediction of any other configuration
+# and the table target that gives a wanted measured speed-up follow.
+_MIN_SCALE = 0.05  # a network measured slower than its base fits b <= 0: it is kept at this floor instead
+
+
+def savings_scale(predicted: float, measured: float) -> float:
+    """``b`` in ``measured time = base − b · (table's saving)`` from one deployed network: ``(1 − 1/measured) /
+    (1 − 1/predicted)`` (at least 0.05); 1.0 when the table predicts no saving (``predicted <= 1``)."""
+    if predicted <= 1.0 + 1e-9:
+        return 1.0
+    return max((1.0 - 1.0 / measured) / (1.0 - 1.0 / predicted), _MIN_SCALE)
+
+
+def calibrated_speedup(predicted: float, scale: float) -> float:
+    """The measured speed-up of a configuration the table predicts at ``predicted`` under savings scale ``scale``
+    (``math.inf`` when the scaled saving is the whole base time)."""
+    left = 1.0 - scale * (1.0 - 1.0 / predicted)
+    return math.inf if left <= 0 else 1.0 / left
+
+
+def table_target(target: float, scale: float) -> float:
+    """The table speed-up to ask the C step for so that the measured one is ``target`` (inverse of
+    :func:`calibrated_speedup`; ``math.inf`` when no table speed-up gives it)."""
+    saved = (1.0 - 1.0 / target) / scale
+    return math.inf if saved >= 1.0 else 1.0 / (1.0 - saved)
 
 
 # --------------------------------------------------------------------------------------------- rank grids
