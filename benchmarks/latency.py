@@ -170,7 +170,7 @@ def run_case(name: str, runtime: str, batch: int, threads: int, targets: tuple[f
                                  "corrections": sp["corrections"], "sr": e.sr, "cr": e.cr,
                                  "dense_layers": sum(r is None for r in e.ranks.values()), "layers": len(e.ranks),
                                  "attempts": sp["attempts"], "stopped": sp.get("stopped"),
-                                 "table_best": sp.get("table_best")})
+                                 "table_refused": sp.get("table_refused"), "table_best": sp.get("table_best")})
         mac = mac_sr_for(model, x, sp["measured"], runtime, threads, batch, repeats)
         row["mac_cost_same_speedup"] = mac
         case["rows"].append(row)
@@ -221,7 +221,7 @@ def markdown(doc: dict[str, Any]) -> str:
                 continue
             lc, mb = r["latency_cost"], (r["mac_cost_same_speedup"]["best"] or {})
             corr = (f"{lc['corrections']}" + (" (then beyond the calibrated table)" if lc.get("stopped") else "")
-                    + (f"; uncalibrated table refused it (best {lc['table_best']:.2f}x)" if lc.get("table_best")
+                    + (f"; the table alone refused it (best {lc['table_best']:.2f}x)" if lc.get("table_refused")
                        else ""))
             lines.append(head + f" {_f(lc['predicted'])} | {_f(lc['measured'])} | {corr} | "
                                 f"{_f(lc['sr'])} | {lc['dense_layers']}/{lc['layers']} | {_f(mb.get('sr'))} "

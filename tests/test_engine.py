@@ -25,7 +25,7 @@ from torch import nn
 
 import ltc
 from ltc import models
-from ltc.engine import ENGINE_STATE_VERSION, WEIGHTINGS, EngineSettings, LCEngine
+from ltc.engine import ENGINE_STATE_VERSION, LTC, WEIGHTINGS, EngineSettings, LCEngine
 from ltc.metrics import Whitening
 from ltc.schemes import Candidates, rank_values
 
@@ -1668,3 +1668,38 @@ def test_state_of_another_version_or_metric_is_refused():
     assert not other.started
     other.start()
     assert other.ranks == comp.ranks and len(other.history) == 1
+
+
+def test_retarget_before_start_is_the_first_c_step_and_an_unreachable_one_leaves_the_engine_unstarted() -> None:
+    from ltc.engine import UnreachableTarget
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+    x = torch.randn(1, 3, 8, 8)
+    e = LTC(net, x, target_sr=2.0)
+    with pytest.raises(UnreachableTarget) as info:
+        e.retarget(1e6)
+    assert not e.started and e.target == 2.0 and not e.history
+    assert 1.0 < info.value.best < 1e6 and f"reaches {info.value.best:.2f}" in str(info.value)
+    e.retarget(3.0)
+    assert e.started and e.target == 3.0 and e.sr >= 3.0 and len(e.history) == 1
+    ref = LTC(net, x, target_sr=3.0)
+    ref.start()
+    assert e.ranks == ref.ranks
+
+
+def test_a_re_targeted_budget_survives_a_state_round_trip_and_a_choice_can_be_restored() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+    x = torch.randn(1, 3, 8, 8)
+    e = LTC(net, x, target_sr=2.0)
+    e.start()
+    kept, ranks = e.choice(), e.ranks
+    e.retarget(4.0)
+    assert e.ranks != ranks
+    other = LTC(net, x, target_sr=2.0)
+    other.load_state_dict(e.state_dict())
+    assert other.target == 4.0 and other.ranks == e.ranks
+    e.restore_choice(kept)
+    assert e.target == 2.0 and e.ranks == ranks and e.history[-1]["ranks"] == e.history[0]["ranks"]
+    assert all(torch.equal(e.layers[n].theta, kept["layers"][n][1]) for n in e.layers)

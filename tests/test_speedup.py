@@ -69,17 +69,16 @@ def table(monkeypatch: pytest.MonkeyPatch) -> LatencyTable:
     return tab
 
 
-def _measured_as(factor: float | list[float], monkeypatch: pytest.MonkeyPatch,
-                 of_target: float | None = None) -> list[float]:
+def _measured_as(factor: float | list[float], monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """Make every timing report ``factor`` x the table's predicted speed-up (a list: one factor per call, the last
-    repeats); with ``of_target``, ``factor`` x that target instead, whatever network is deployed."""
+    repeats)."""
     calls: list[float] = []
     real = ltc.latency.compare_latency
 
     def fake(base, small, x, **kw):
         out = real(base, small, x, repeats=1, warmup=0)
         f = factor[min(len(calls), len(factor) - 1)] if isinstance(factor, list) else factor
-        out["speedup"] = f * (fake.engine.predicted_speedup if of_target is None else of_target)
+        out["speedup"] = f * fake.engine.predicted_speedup
         calls.append(out["speedup"])
         return out
 
@@ -213,7 +212,7 @@ def test_corrections_stop_after_three(table, monkeypatch) -> None:
     sp = r.speedup
     att = sp["attempts"]
     assert sp["corrections"] == 3 and len(att) == len(calls) == 4  # the first timing, then one per correction
-    assert sp["stopped"] is None and sp["target"] == target and sp["table_best"] is None
+    assert sp["stopped"] == "3 corrections made" and sp["target"] == target and sp["table_best"] is None
     expected = [f * a["predicted"] for f, a in zip(fractions, att, strict=True)]
     assert [a["measured"] for a in att] == pytest.approx(expected)
     assert all(abs(a["measured"] / target - 1) > ltc.api.SPEEDUP_TOLERANCE for a in att)
@@ -247,33 +246,68 @@ def test_the_run_times_only_the_layers_it_compresses(compress_linear: bool, monk
 
 def test_a_correction_beyond_the_tables_reach_deploys_the_fastest_once_then_keeps_the_closest(
         table, monkeypatch) -> None:
-    """After training (no refusal), a table that over-predicts asks the correction for more than it can give: the
-    loop deploys the table's fastest configuration once, stops there (saying why) and keeps the closest attempt;
-    before training (``ltc.compress``) the same timings refuse the target with the fastest measured."""
+    """After training (an engine already started, no refusal), a table that over-predicts asks the correction for
+    more than it can give: the loop deploys the table's fastest configuration once, stops there (saying why) and
+    keeps the closest attempt; before training (``ltc.compress``) the same timings refuse the target with the
+    fastest measured."""
     best = _table_best(table)
     target = 0.7 * best
     calls = _measured_as(0.5, monkeypatch)
     e = ltc.LTC(Net(), X, target_sr=target, cost="latency", latency_table=table, rank_multiple=8)
+    e.start()
     sp = ltc.api.meet_speedup(e, Net(), X, target)
     att = sp["attempts"]
     assert len(att) == len(calls) == 2 and att[0]["engine_target"] == target and att[0]["predicted"] < best
-    assert att[1]["engine_target"] == pytest.approx(best)
+    assert att[1]["engine_target"] == pytest.approx(best) and not sp["table_refused"]
     assert sp["table_best"] == pytest.approx(best) and "beyond the table's fastest" in sp["stopped"]
     assert sp["chosen_attempt"] == 1 and sp["measured"] == pytest.approx(0.5 * best)
+    fastest = ltc.LTC(Net(), X, target_sr=best, cost="latency", latency_table=table, rank_multiple=8)
+    fastest.start()
+    assert e.ranks == fastest.ranks  # the engine is left at the attempt kept: every layer at its fastest option
     with pytest.raises(ValueError, match=f"measures {0.5 * best:.2f}x"):
         ltc.compress(Net(), _loader(), method="oneshot", target_speedup=target, epochs=0, progress=False)
 
 
-def test_a_learning_run_calibrates_before_training_and_checks_again_after(table, monkeypatch) -> None:
-    """``ltc`` with L steps: one timing before training (the calibration, at the first C step), one after the L
-    steps moved the weights; a one-shot run (no L steps) times once."""
+def test_a_table_with_nothing_faster_than_dense_refuses_with_the_base_speed(monkeypatch) -> None:
+    """Every factorised form slower than the dense conv: the fastest configuration is the base itself (table best
+    exactly 1), timed once, and the refusal names 1.00x instead of failing on the fallback's own target."""
+    torch.manual_seed(0)
+    geoms = {n: g for n, g in record_geometry(Net(), X).items() if n != "fc"}
+    slow = LatencyTable.from_latency_function(geoms, lambda g, part, r: 1.0 if part == "dense" else 5.0,
+                                              model_ms=3.5)
+    monkeypatch.setattr(ltc.api, "_latency_table", lambda *a, **k: slow)
     calls = _measured_as(1.0, monkeypatch)
-    r = ltc.compress(Net(), _loader(), method="ltc", target_speedup=1.5, epochs=2, steps=1, progress=False,
+    with pytest.raises(ValueError, match=r"target_speedup 2 is out of reach .* measures 1\.00x .* at most 1\.00"):
+        ltc.compress(Net(), _loader(), method="oneshot", target_speedup=2.0, epochs=0, progress=False)
+    assert calls == [pytest.approx(1.0)]
+
+
+def test_a_learning_run_calibrates_before_training_and_checks_again_after(table, monkeypatch) -> None:
+    """``ltc`` with L steps: the table over-predicts (0.8 x), so the pre-training calibration re-targets the engine;
+    the L steps run at that calibrated target (the first timing after them is at it), and a one-shot run (no L
+    steps) times only before training."""
+    calls = _measured_as(0.8, monkeypatch)
+    r = ltc.compress(Net(), _loader(), method="ltc", target_speedup=3.0, epochs=2, steps=1, progress=False,
                      recalibrate_bn=False)
-    assert len(calls) == 2 and r.speedup["corrections"] == 0
-    assert r.speedup["measured"] == pytest.approx(r.speedup["predicted"])
-    assert r.history[0]["step"] == 0 and len(r.history) >= 2  # the calibration's C step, then the L steps'
+    before, after = r.speedup["before_training"], r.speedup
+    assert len(calls) == len(before["attempts"]) + len(after["attempts"])
+    kept = before["attempts"][before["chosen_attempt"]]["engine_target"]
+    assert kept > 3.0 and after["attempts"][0]["engine_target"] == pytest.approx(kept)
     calls.clear()
-    ltc.compress(Net(), _loader(), method="oneshot", target_speedup=1.5, epochs=1, progress=False,
-                 recalibrate_bn=False)
-    assert len(calls) == 1
+    one = ltc.compress(Net(), _loader(), method="oneshot", target_speedup=1.5, epochs=1, progress=False,
+                       recalibrate_bn=False)
+    assert len(calls) == len(one.speedup["attempts"]) and "before_training" not in one.speedup
+
+
+def test_layers_timed_alone_outweighing_the_model_leave_nothing_fixed() -> None:
+    """Per-layer timings that add up to more than the whole model (tiny networks) would leave the uncompressed part
+    a negative cost and let a prediction reach zero time; the base is the layers' sum then."""
+    torch.manual_seed(0)
+    geoms = {n: g for n, g in record_geometry(Net(), X).items() if n != "fc"}
+    dense_total = sum(_ms(g, "dense", None) for g in geoms.values())
+    tab = LatencyTable.from_latency_function(geoms, _ms, model_ms=0.5 * dense_total)
+    e = ltc.LTC(Net(), X, target_sr=1.5, cost="latency", latency_table=tab, rank_multiple=8)
+    e.start()
+    assert e.fixed_latency == 0.0 and e.base_cost_latency == pytest.approx(dense_total)
+    chosen = sum(e.layer_cost(s, s.rank, "latency") for s in e.layers.values())
+    assert 1.5 <= e.predicted_speedup == pytest.approx(dense_total / chosen)

@@ -91,10 +91,11 @@ class CompressConfig:
     ``target_speedup``, else 'macs'); ``latency_memory_format``: the layout the deployed network runs in under eager
     PyTorch, ``'contiguous'`` (NCHW) or ``'channels_last'`` (NHWC, measurably faster for factorised networks on the
     CPU): the latency table, the measured speed-up and the returned model all use it;
-    ``target_speedup``: the measured speed-up to reach (before training, the table is calibrated on one timed
-    deployment and an unreachable target refused on the clock; after training, the deployed network is timed against
-    the base, BatchNorm folded, and re-targeted on the calibrated table while it misses by more than 10 %, at most 3
-    times; ``Result.speedup`` logs it: see :func:`meet_speedup`);
+    ``target_speedup``: the measured speed-up to reach (:func:`meet_speedup`: the deployed network is timed against
+    the base, BatchNorm folded, the table calibrated on the timing and the C step re-targeted while it misses by more
+    than 10 %, at most 3 times; before training, so that the L steps aim at the calibrated target and an unreachable
+    target is refused on the clock, and again after the L steps; ``Result.speedup`` logs the attempts, the
+    pre-training ones under ``"before_training"``);
     layer globs; ``compress_linear``; ``min_rank``; ``rank_multiple`` (ranks multiples of it; default 8 for the
     latency cost, else 1);
     ``n_iter`` (HOOI sweeps); ``weighting`` and ``metric`` (see :class:`~ltc.engine.LCEngine`; ``metric='data'``
@@ -551,7 +552,10 @@ def compress(
     if stage == "finetune":
         speed = dict(ckpt["extra"].get("speedup") or {})  # type: ignore[index]
     elif cfg.target_speedup is not None and (plan.lc_epochs or ckpt is not None):  # the L steps moved the ranks
+        before = speed
         speed = _meet(comp, model, example_input, cfg)
+        if before:
+            speed["before_training"] = before
     small = comp.compressed_model().to(device)
     if stage == "finetune":
         acc_before = ckpt["extra"].get("acc_before")  # type: ignore[index]
@@ -656,26 +660,43 @@ def _meet(comp: Any, base: nn.Module, example_input: Tensor, cfg: CompressConfig
                         memory_format=cfg.latency_memory_format, refuse=refuse)
 
 
+def _timed_on_rank0(comp: Any, timing: dict[str, Any]) -> dict[str, Any]:
+    """Under ``torch.distributed`` every process adopts rank 0's timing, so that all take the same decisions (the
+    processes share the machine: their own timings differ)."""
+    from .utils import world_size
+
+    if world_size() == 1:
+        return timing
+    dev = next(iter(comp.layers.values())).theta.device
+    t = torch.tensor([timing["speedup"], timing["base_ms"], timing["compressed_ms"]], dtype=torch.float64,
+                     device=dev)
+    torch.distributed.broadcast(t, src=0)
+    sp, b, c = t.tolist()
+    return {**timing, "speedup": sp, "base_ms": b, "compressed_ms": c}
+
+
 def meet_speedup(comp: Any, base: nn.Module, example_input: Tensor, target: float, *, runtime: str = "eager",
                  threads: int | None = None, batch: int = 1, repeats: int = 20,
                  memory_format: str = "contiguous", refuse: bool = False) -> dict[str, Any]:
     """Make a budget-mode latency engine's deployed network reach ``target`` measured speed-up over ``base``.
 
     Times the deployed network against the base (interleaved, BatchNorm folded, ``runtime`` with ``threads`` at
-    ``batch``, both in ``memory_format``). While the measured speed-up misses ``target`` by more than 10 %, the
-    table is calibrated on that measurement (:func:`ltc.latency_table.savings_scale`: measured time = base − b ·
-    the table's saving) and the C step re-targeted at the table speed-up that gives ``target`` under it
-    (:func:`ltc.latency_table.table_target`), at most :data:`MAX_CORRECTIONS` times, stopping when the ranks repeat.
-    A calibrated target beyond the table's reach deploys the table's fastest configuration once (then stops).
+    ``batch``, both in ``memory_format``; under ``torch.distributed`` rank 0's timing counts). While the measured
+    speed-up misses ``target`` by more than 10 %, the table is calibrated on the last measurement
+    (:func:`ltc.latency_table.savings_scale`: measured time = base − b · the table's saving) and the C step
+    re-targeted at the table speed-up that gives ``target`` under it (:func:`ltc.latency_table.table_target`), at
+    most :data:`MAX_CORRECTIONS` times, stopping when the ranks repeat. A calibrated target beyond the table's
+    reach deploys the table's fastest configuration instead (once).
 
-    An engine that has not started is started at ``target``; when the table says ``target`` is out of reach it is
-    started at the table's fastest configuration instead, so reachability is decided on the clock: with
-    ``refuse=True`` (``ltc.compress`` before training) a ``ValueError`` names the best measured speed-up when the
-    fastest configuration measured misses ``target`` by more than 10 %. The attempt closest to the target is kept
-    (the engine is left at it). Returns ``{"target", "predicted", "measured", "corrections", "chosen_attempt",
-    "attempts": [...], "stopped", "table_best", "runtime", "memory_format"}`` (``predicted``: the table's
-    uncalibrated prediction; ``stopped``: why corrections ended early, else ``None``; ``table_best``: the table's
-    fastest predicted speed-up when the table alone would have refused ``target``, else ``None``)."""
+    An engine that has not started is started at ``target``; when the table alone says ``target`` is out of reach it
+    is started at the table's fastest configuration, so reachability is decided on the clock: with ``refuse=True``
+    (``ltc.compress`` before training) a ``ValueError`` names the best measured speed-up when the fastest
+    configuration was timed and every attempt misses ``target`` by more than 10 %. The attempt closest to the target
+    is kept (the engine is returned to its choice). Returns ``{"target", "predicted", "measured", "corrections",
+    "chosen_attempt", "attempts": [...], "stopped", "table_refused", "table_best", "runtime", "memory_format"}``
+    (``predicted``: the table's uncalibrated prediction; ``stopped``: why corrections ended before the target was
+    met, else ``None``; ``table_refused``: the table alone put ``target`` out of reach; ``table_best``: the table's
+    fastest predicted speed-up once the loop needed it, else ``None``)."""
     from .engine import UnreachableTarget
     from .latency import compare_latency
     from .latency_table import savings_scale, table_target
@@ -684,54 +705,70 @@ def meet_speedup(comp: Any, base: nn.Module, example_input: Tensor, target: floa
     x = example_input[:1].expand(batch, *example_input.shape[1:]).contiguous().cpu()
     ref = copy.deepcopy(unwrap(base)).cpu().eval()
     table_best: float | None = None
-    at_limit = False  # whether the table's fastest configuration was deployed and timed
+    fastest: dict[str, Any] | None = None  # the ranks of the table's fastest configuration, once deployed
+
+    def to_fastest(best: float) -> None:
+        nonlocal table_best, fastest
+        table_best = best
+        comp.retarget(max(1.0, best))  # the budget check has slack for rounding: exactly the fastest is in reach
+        fastest = dict(comp.ranks)
+
+    table_refused = False
     if not comp.started:
         try:
             comp.retarget(target)
         except UnreachableTarget as exc:
-            table_best = exc.best
-            comp.retarget(exc.best * (1 - 1e-12))
+            table_refused = True
+            to_fastest(exc.best)
     attempts: list[dict[str, Any]] = []
     seen: list[dict[str, Any]] = []
+    choices: list[dict[str, Any]] = []
     stopped: str | None = None
+    changed = False  # whether a C step ran after the last timing
     for i in range(MAX_CORRECTIONS + 1):
         small = comp.compressed_model().cpu().eval()
-        lat = compare_latency(ref, small, x, threads=threads, repeats=repeats, fold_bn=True, runtime=runtime,
-                              memory_format=memory_format)
+        lat = _timed_on_rank0(comp, compare_latency(ref, small, x, threads=threads, repeats=repeats, fold_bn=True,
+                                                    runtime=runtime, memory_format=memory_format))
         p, s = comp.predicted_speedup, lat["speedup"]
         attempts.append({"engine_target": comp.target, "predicted": p, "measured": s, "base_ms": lat["base_ms"],
                          "compressed_ms": lat["compressed_ms"], "sr": comp.sr, "scale": savings_scale(p, s)})
         seen.append(dict(comp.ranks))
-        at_limit = at_limit or (table_best is not None and comp.target >= table_best * (1 - 1e-9))
-        if abs(s / target - 1) <= SPEEDUP_TOLERANCE or i == MAX_CORRECTIONS:
+        choices.append(comp.choice())
+        stopped, changed = None, False
+        if abs(s / target - 1) <= SPEEDUP_TOLERANCE:
+            break
+        if i == MAX_CORRECTIONS:
+            stopped = f"{MAX_CORRECTIONS} corrections made"
             break
         scale = attempts[-1]["scale"]
+        changed = True
         try:
             comp.retarget(min(max(1.0, table_target(target, scale)), 1e12))  # inf: no table speed-up gives it
         except UnreachableTarget as exc:  # beyond the table: its fastest configuration, measured once
             stopped = (f"calibrated on the clock (measured saving = {scale:.2f} x the table's), {target:g}x is "
                        f"beyond the table's fastest configuration ({exc.best:.2f}x predicted)")
-            if table_best is not None and comp.target >= exc.best * (1 - 1e-9):
+            if fastest is not None and fastest in seen:
                 break
-            table_best = exc.best
-            comp.retarget(exc.best * (1 - 1e-12))
+            to_fastest(exc.best)
         if dict(comp.ranks) in seen:  # the grid has no point in between: no progress left
+            stopped = stopped or "the correction gave ranks already timed"
             break
     best = min(range(len(attempts)), key=lambda k: abs(attempts[k]["measured"] / target - 1))
     reached = max(a["measured"] for a in attempts)
-    if refuse and at_limit and reached < target * (1 - SPEEDUP_TOLERANCE):
+    if refuse and fastest is not None and fastest in seen and reached < target * (1 - SPEEDUP_TOLERANCE):
+        timed = "the network" if len(attempts) == 1 else f"the fastest of the {len(attempts)} networks"
         raise ValueError(
-            f"target_speedup {target:g} is out of reach on this machine: the fastest of {len(attempts)} networks "
-            f"timed, the latency table's fastest configuration (every compressed layer at its fastest option, "
-            f"predicted {table_best:.2f}x) among them, measures {reached:.2f}x ({runtime}, {memory_format}, batch "
-            f"{batch}); lower the target to at most {reached:.2f}, compress more layers (include/compress_linear) "
-            "or lower min_rank")
-    if dict(comp.ranks) != seen[best]:
-        comp.retarget(attempts[best]["engine_target"])  # the same state and target give the same ranks again
+            f"target_speedup {target:g} is out of reach on this machine: {timed} timed, with the latency table's "
+            f"fastest configuration (every compressed layer at its fastest option, predicted {table_best:.2f}x) "
+            f"among them, measures {reached:.2f}x ({runtime}, {memory_format}, batch {batch}); lower the target to "
+            f"at most {reached:.2f}, compress more layers (include/compress_linear) or lower min_rank")
+    if best != len(attempts) - 1 or changed:  # back to the attempt kept, whatever C steps came after it
+        comp.restore_choice(choices[best])
     chosen = attempts[best]
     return {"target": target, "predicted": chosen["predicted"], "measured": chosen["measured"],
             "corrections": len(attempts) - 1, "chosen_attempt": best, "attempts": attempts,
-            "stopped": stopped, "table_best": table_best, "runtime": runtime, "memory_format": memory_format}
+            "stopped": stopped, "table_refused": table_refused, "table_best": table_best, "runtime": runtime,
+            "memory_format": memory_format}
 
 
 def _teacher(model: nn.Module, device: torch.device) -> nn.Module:

@@ -809,6 +809,24 @@ class LCEngine:
             },
         }
 
+    def choice(self) -> dict[str, Any]:
+        """The current C-step outcome (target, λ, and per layer rank, Θ and error), to return to with
+        :meth:`restore_choice` after other C steps (``ltc.api.meet_speedup`` keeps the attempt closest to its
+        target this way, whatever multiplier and μ updates came in between)."""
+        return {"target": self.target, "lam": self.lam,
+                "layers": {n: (s.rank, s.theta.detach().clone(), s.err) for n, s in self.layers.items()}}
+
+    def restore_choice(self, choice: dict[str, Any]) -> None:
+        """Go back to a :meth:`choice` (recorded in ``history``)."""
+        t0 = time.perf_counter()
+        old = self.ranks
+        self.target, self.lam = choice["target"], choice["lam"]
+        for n, (rank, theta, err) in choice["layers"].items():
+            s = self.layers[n]
+            s.rank, s.theta, s.err = rank, theta.clone(), err
+        self._ranks_changed = old != self.ranks
+        self._record(time.perf_counter() - t0, "restored C step")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`. Raises ``ValueError`` if it belongs to another model or version."""
         if state.get("version") != ENGINE_STATE_VERSION:
@@ -847,6 +865,8 @@ class LCEngine:
             s.whitening = None if wh is None else Whitening(wh["L"].to(dev).clone(), wh["L_inv"].to(dev).clone(),
                                                             str(wh["mode"]), float(wh["curvature"]))
         self.mu, self.lam, self.steps_done = float(state["mu"]), float(state["lam"]), int(state["steps_done"])
+        if self.target is not None and state.get("target") is not None:  # a budget re-targeted during the run
+            self.target = float(state["target"])
         self.mu_growth = float(state["mu_growth"])
         self.mu_cap = None if state["mu_cap"] is None else float(state["mu_cap"])
         # a state saved before start() holds no metric or layer weights yet: start() measures them

@@ -20,7 +20,8 @@ are measured at every such rank and interpolated linearly in between; the core i
 smallest measured rank the value is held constant. The latency of a factorised layer is the sum of its parts'.
 
 ``model_ms`` is the whole model's measured latency (eval mode, BatchNorm folded); the engine takes what is not
-compressed to cost ``model_ms − Σ dense layer ms``. Layers are looked up by their geometry (sizes, kernel,
+compressed to cost ``max(model_ms − Σ dense layer ms, 0)`` (and the base to cost that plus the layers' sum). One
+whole-network timing calibrates it: :func:`savings_scale`. Layers are looked up by their geometry (sizes, kernel,
 resolution; :class:`ltc.cost.LayerGeometry`), not by name, so one table serves every model with those shapes.
 
 Every timed op is cached on disk (``cache_dir``, else ``$LTC_LATENCY_CACHE``, else ``~/.cache/ltc/latency``), keyed
@@ -79,14 +80,16 @@ LatencyFn = Callable[[LayerGeometry, str, Rank], float]
 # speed-up p, one measured speed-up s of a deployed network fits b, and the prediction of any other configuration
 # and the table target that gives a wanted measured speed-up follow.
 _MIN_SCALE = 0.05  # a network measured slower than its base fits b <= 0: it is kept at this floor instead
+_MAX_SCALE = 20.0
 
 
 def savings_scale(predicted: float, measured: float) -> float:
     """``b`` in ``measured time = base − b · (table's saving)`` from one deployed network: ``(1 − 1/measured) /
-    (1 − 1/predicted)`` (at least 0.05); 1.0 when the table predicts no saving (``predicted <= 1``)."""
+    (1 − 1/predicted)``, kept in [0.05, 20] (a predicted saving near 0 makes the ratio noise); 1.0 when the table
+    predicts no saving (``predicted <= 1``)."""
     if predicted <= 1.0 + 1e-9:
         return 1.0
-    return max((1.0 - 1.0 / measured) / (1.0 - 1.0 / predicted), _MIN_SCALE)
+    return min(max((1.0 - 1.0 / measured) / (1.0 - 1.0 / predicted), _MIN_SCALE), _MAX_SCALE)
 
 
 def calibrated_speedup(predicted: float, scale: float) -> float:
@@ -734,7 +737,8 @@ class LatencyTable:
         dense_sum = sum(e.dense * len(e.names) for e in entries)
         if dense_sum > model_ms:
             log.warning("ltc: the measured layers alone take %.3f ms, the whole model %.3f ms: the part of the model "
-                        "that is not compressed gets a negative latency (timing noise, or a fused runtime)",
+                        "that is not compressed is costed at 0 and the base at the layers' sum (timing noise, or a "
+                        "fused runtime); ltc.api.meet_speedup calibrates on the whole network",
                         dense_sum, model_ms)
         log.info("ltc: %s", table.summary())
         return table
