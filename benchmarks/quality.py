@@ -334,6 +334,11 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"{rs[0]['epochs']} | {_num(_mean_sd([r['seconds'] / 60 for r in rs])[0], '.1f')} |")
         if group == "main" and "ltc" in by:
             lines += ["", paired_line(by, "ltc")]
+    refused = doc.get("refused") or []
+    if refused:
+        lines += ["", "## Rows the method cannot run (refused before training)", "",
+                  "| row | why | date | commit |", "|---|---|---|---|"]
+        lines += [f"| {r['id']} | {r['message']} | {r['date']} | {r['commit']} |" for r in refused]
     figs = doc.get("figures") or []
     if figs:
         lines += ["", "## Rank distributions of the headline models (seed 0)", ""]
@@ -392,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from ltc import pipelines, runs
+    from ltc.engine import UnreachableTarget
 
     torch.set_num_threads(args.threads)
     out_dir = args.out or (C.RESULTS if not args.smoke else Path("/tmp/ltc_quality_smoke"))
@@ -410,9 +416,10 @@ def main(argv: list[str] | None = None) -> int:
         done_ids = {r["id"] for r in doc["runs"]}
     else:
         doc = {"protocol": {}, "bases": [], "runs": []}
+    refused_ids = {r["id"] for r in doc.get("refused", [])}
     if args.list:
         for r in rows:
-            print(("done  " if r.id in done_ids else "todo  ") + r.id)
+            print(("done  " if r.id in done_ids else "refused  " if r.id in refused_ids else "todo  ") + r.id)
         return 0
     if args.remeasure:
         remeasure(doc, repeats=100, threads=args.threads, say=print, only=args.only)
@@ -446,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
 
     wall0 = doc["protocol"]["wall_seconds"]
     for row in rows:
-        if row.id in done_ids:
+        if row.id in done_ids or row.id in refused_ids:
             continue
         while (run_root / "PAUSE").exists():
             time.sleep(10)
@@ -465,8 +472,16 @@ def main(argv: list[str] | None = None) -> int:
         folder = row.folder(run_root, cfg)
         say(f"\n=== {row.id} -> {folder}")
         t0 = time.perf_counter()
-        pipelines.compress_run(copy.deepcopy(cfg), bases[key], folder, resume=True, base=base,
-                               data=data_cache[key], plots=False, say=say)
+        try:
+            pipelines.compress_run(copy.deepcopy(cfg), bases[key], folder, resume=True, base=base,
+                                   data=data_cache[key], plots=False, say=say)
+        except UnreachableTarget as exc:  # the method cannot reach the target on this model: a result, not a crash
+            doc["refused"] = [r for r in doc.get("refused", []) if r["id"] != row.id] + [
+                {"id": row.id, "message": str(exc), "date": C.now(), "commit": C.git_commit()}]
+            refused_ids.add(row.id)
+            say(f"=== {row.id}: refused before training ({exc})")
+            save()
+            continue
         rec = run_record(row, folder)
         doc["runs"] = [r for r in doc["runs"] if r["id"] != row.id] + [rec]
         done_ids.add(row.id)

@@ -150,3 +150,24 @@ def test_quality_paired_line_pairs_by_seed_and_skips_unshared_seeds() -> None:
     line = quality.paired_line(by, "ltc")
     assert line == "LTC minus each method, paired by seed (points): Tucker one-shot +0.00 ± 1.41 (2 seeds)."
     assert quality.paired_line({"ltc": by["ltc"]}, "ltc") == ""
+
+
+def test_quality_records_a_target_the_method_cannot_reach_and_goes_on(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A row whose target is beyond the method's reach (here SR 1000 on small_cnn) is recorded as refused with the
+    engine's message, the next row still runs, and a rerun skips it."""
+    rows = [quality.Row("digits", "small_cnn", "oneshot", 1000.0, 0), quality.Row("digits", "small_cnn", "oneshot",
+                                                                                  2.0, 0)]
+    monkeypatch.setattr(quality, "smoke_rows", lambda: rows)
+    argv = ["--smoke", "--out", str(tmp_path), "--threads", "1"]
+    assert quality.main(argv) == 0
+    doc = json.loads((tmp_path / "quality_smoke.json").read_text())
+    (ref,) = doc["refused"]
+    assert ref["id"] == "digits/small_cnn/oneshot/sr1000/seed0" and "target SR 1000 is out of reach" in ref["message"]
+    assert [r["id"] for r in doc["runs"]] == ["digits/small_cnn/oneshot/sr2/seed0"]
+    assert "| digits/small_cnn/oneshot/sr1000/seed0 | target SR 1000 is out of reach" in (
+        tmp_path / "quality_smoke.md").read_text()
+    capsys.readouterr()
+    assert quality.main([*argv, "--list"]) == 0
+    assert "refused  digits/small_cnn/oneshot/sr1000/seed0" in capsys.readouterr().out
+    assert quality.main(argv) == 0
+    assert "=== digits/small_cnn/oneshot/sr1000" not in capsys.readouterr().out
