@@ -139,7 +139,6 @@ def run_case(name: str, runtime: str, batch: int, threads: int, targets: tuple[f
     from ltc import LTC
     from ltc.api import meet_speedup
     from ltc.engine import select_layers
-    from ltc.latency import compare_latency
     from ltc.latency_table import LatencyTable
 
     model, x, what = build_model(name, say)
@@ -169,9 +168,7 @@ def run_case(name: str, runtime: str, batch: int, threads: int, targets: tuple[f
             continue
         # the loop stops at the first timing within 10 %: an independent re-timing of the network it kept says
         # whether that landed there by noise
-        kept = compare_latency(model, e.compressed_model().eval(), x[:1].expand(batch, *x.shape[1:]).contiguous(),
-                               threads=threads, repeats=retime_repeats, fold_bn=True, runtime=rt,
-                               memory_format=layout)["speedup"]
+        kept = measured(model, e, x, runtime, threads, batch, retime_repeats)
         row.update(latency_cost={"predicted": sp["predicted"], "measured": sp["measured"], "retimed": kept,
                                  "retime_repeats": retime_repeats,
                                  "corrections": sp["corrections"], "sr": e.sr, "cr": e.cr,
