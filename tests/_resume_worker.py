@@ -182,6 +182,7 @@ def run_ddp(out: str, result: str, cli_argvs: list[list[str]]) -> None:
             clis.append(cli)
         torch.save({"world": dist.get_world_size(), "api": api, "cli": clis, "writes": list(writes)},
                    f"{result}.{rank}")
+        dist.barrier()  # neither process tears the group down while the other may still be in a collective
     finally:
         dist.destroy_process_group()
 

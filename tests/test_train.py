@@ -669,6 +669,7 @@ def _ddp_worker(rank: int, init: str, out_dir: str) -> None:
         fit(bn_model, DataLoader(bn_data, batch_size=8), epochs=1, opt_cfg={"lr": 0.1}, progress=False)
         torch.save({"state": model.state_dict(), "hist": hist, "bn": bn_model[1].state_dict()},
                    Path(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # neither process tears the group down while the other may still be in a collective
     finally:
         dist.destroy_process_group()
 
