@@ -51,6 +51,8 @@ SCHEDULE = {"mu_cap": "layer", "pull": None, "lc_weight_decay": 0.0}  # every la
 # With 10 LC steps the converging path pins W to Θ from step 5 on and leaves 5 fine-tuning epochs; measured on seed 0
 # (72.90 % against v1's 74.44 %), so the rows after it split the budget 5 LC steps + 10 fine-tuning epochs.
 SHORT = {"steps": 5}
+CURRENT = {**V1, **SCHEDULE, **SHORT, "metric": "data", "centered": True, "min_rank": 2, "kd_weight": 0.5}
+"""The library's defaults, spelled out (the ablation row ``ltc+schedule/5+data+floor+kd``)."""
 ABLATION: list[tuple[str, str, dict[str, Any]]] = [
     ("ltc-v1", "ltc", V1),
     ("ltc+schedule", "ltc", {**V1, **SCHEDULE}),
@@ -61,6 +63,12 @@ ABLATION: list[tuple[str, str, dict[str, Any]]] = [
                                            "min_rank": 2}),
     ("ltc+schedule/5+data+floor+kd", "ltc", {**V1, **SCHEDULE, **SHORT, "metric": "data", "centered": True,
                                               "min_rank": 2, "kd_weight": 0.5}),
+    # the budget reached a step at a time (SR ** ((j + 1) / steps) at C step j) instead of at every C step, and L
+    # steps of a fifth of an epoch each (1 epoch of LC, 14 of fine-tuning), apart and together
+    ("ltc+schedule/5+data+floor+kd+gradual", "ltc", {**CURRENT, "target_schedule": "gradual"}),
+    ("ltc+schedule/5+data+floor+kd+short", "ltc", {**CURRENT, "epochs_per_step": 0.2}),
+    ("ltc+schedule/5+data+floor+kd+gradual+short", "ltc", {**CURRENT, "target_schedule": "gradual",
+                                                           "epochs_per_step": 0.2}),
     ("ltc+schedule/5+data+floor4+kd", "ltc", {**V1, **SCHEDULE, **SHORT, "metric": "data", "centered": True,
                                                "min_rank": 4, "kd_weight": 0.5}),
     # steps / lc_weight_decay do nothing for one-shot; pinned to the values this row ran with (its run folder's hash)

@@ -274,6 +274,53 @@ def test_converged_lc_steps_hand_their_epochs_to_fine_tuning(monkeypatch):
     assert sum(row.get("phase") == "lc" for row in res.log) == res.plan["lc_epochs"]
 
 
+@pytest.mark.parametrize("target, steps", [(4.0, 3), (2.5, 2)])
+def test_a_gradual_target_compresses_a_step_at_a_time_and_ends_at_the_target(target, steps):
+    train, _ = loaders()
+    res = compress(base_model(), train, method="ltc", target_sr=target, steps=steps, epochs=steps + 1,
+                   target_schedule="gradual", skip_converged=False, progress=False)
+    # history: start() checks the final target is reachable, then C steps 0..steps aim at the schedule's stages
+    first, *stages = res.history
+    assert first["target"] == target and first["sr"] >= target
+    aims = [h["target"] for h in stages]
+    assert len(aims) == steps + 1 and aims[-2:] == [target, target]
+    assert all(a < b for a, b in zip(aims[:-2], aims[1:-1], strict=True))  # strictly rising to the target
+    assert aims[0] == pytest.approx(target ** (1 / steps))
+    for h in stages:
+        assert h["target"] <= h["sr"] <= 1.1 * h["target"]  # every stage's C step meets its own budget
+    assert [row["target"] for row in res.log if row["phase"] == "lc"] == aims[1:]
+    assert res.sr == stages[-1]["sr"] >= target
+    fixed = compress(base_model(), train, method="ltc", target_sr=target, steps=steps, epochs=steps + 1,
+                     skip_converged=False, progress=False)
+    assert {h["target"] for h in fixed.history} == {target}  # the SPEC's schedule aims at the target throughout
+
+
+@pytest.mark.parametrize("fraction, steps, epochs", [(0.5, 3, 4), (0.25, 4, 3), (0.3, 2, 2)])
+def test_an_l_step_of_a_fraction_of_an_epoch_trains_on_the_first_batches_of_a_fresh_order(fraction, steps, epochs,
+                                                                                          monkeypatch):
+    loader = DataLoader(TRAIN, batch_size=8, sampler=ltc.train.EpochSeededSampler(TRAIN, seed=3))  # 8 batches
+    seen: list[list[int]] = []
+    real = ltc.train.train_one_epoch
+
+    def spy(model, loader, *args, **kwargs):  # the labels of each batch, per pass
+        seen.append([int(y.sum()) for _x, y in loader])
+        return real(model, loader, *args, **kwargs)
+
+    monkeypatch.setattr(ltc.train, "train_one_epoch", spy)
+    res = compress(base_model(), loader, method="ltc", target_sr=2.0, steps=steps, epochs=epochs,
+                   epochs_per_step=fraction, skip_converged=False, progress=False)
+    k = math.ceil(fraction * 8)
+    lc_passes = math.ceil(steps * fraction)  # whole epochs the budget counts for the L steps
+    assert res.plan == {"lc_steps": steps, "epochs_per_step": fraction, "lc_epochs": steps * fraction,
+                        "finetune": epochs - lc_passes, "total": steps * fraction + epochs - lc_passes}
+    assert [len(b) for b in seen] == [k] * steps + [8] * (epochs - lc_passes)
+    assert [row["phase"] for row in res.log] == ["lc"] * steps + ["finetune"] * (epochs - lc_passes)
+    assert [h["step"] for h in res.history] == list(range(steps + 1))  # a C step after every L step
+    for e in range(steps):  # L step e: the first k batches of data epoch e's order, as fit seeds it
+        ltc.train.prepare_loader_epoch(loader, e, None)
+        assert seen[e] == [int(y.sum()) for _x, y in loader][:k]
+
+
 # --------------------------------------------------------------------------------------------- BatchNorm
 @pytest.mark.parametrize("batches", [None, 1])
 def test_batchnorm_is_reestimated_after_deployment(trained_base, batches):
@@ -312,11 +359,19 @@ RESUME_KW = dict(steps=2, epochs_per_step=1, finetune_epochs=2, skip_converged=F
 def uninterrupted(tmp_path_factory):
     """Uninterrupted reference runs (with a checkpoint dir too, as a resumed run has one)."""
     out = {}
-    for method, kw in (("ltc", {"target_sr": 2.0}), ("uniform", {})):
+    for method, kw in (("ltc", {"target_sr": 2.0}), ("uniform", {}), ("ltc", GRADUAL), ("ltc", FRACTION)):
         train, val = loaders()
-        out[method] = compress(base_model(), train, val_loader=val, method=method,
-                               checkpoint_dir=tmp_path_factory.mktemp(f"ref_{method}"), **kw, **RESUME_KW)
+        out[run_key(method, kw)] = compress(base_model(), train, val_loader=val, method=method,
+                                            checkpoint_dir=tmp_path_factory.mktemp("ref"), **{**RESUME_KW, **kw})
     return out
+
+
+GRADUAL = {"target_sr": 2.0, "target_schedule": "gradual"}
+FRACTION = {"target_sr": 2.0, "epochs_per_step": 0.5, "finetune_epochs": 1}
+
+
+def run_key(method: str, kw: dict) -> str:
+    return method + "".join(f"-{k}={v}" for k, v in sorted(kw.items()))
 
 
 @pytest.mark.parametrize(
@@ -325,15 +380,17 @@ def uninterrupted(tmp_path_factory):
         ("ltc", {"target_sr": 2.0}, 1, "lc", 1),  # dies in the 2nd L step
         ("ltc", {"target_sr": 2.0}, 3, "finetune", 1),  # dies in the 2nd fine-tuning epoch
         ("uniform", {}, 1, "finetune", 1),  # a one-shot method, in its 2nd fine-tuning epoch
+        ("ltc", GRADUAL, 1, "lc", 1),  # between two stages of the budget
+        ("ltc", FRACTION, 1, "lc", 1),  # between two L steps of half an epoch
     ],
 )
 def test_resume_inside_a_phase_is_bit_identical(uninterrupted, tmp_path, monkeypatch, method, kw, fail_after,
                                                 stage, epoch):
-    ref = uninterrupted[method]
+    ref = uninterrupted[run_key(method, kw)]
     train, val = loaders()
     counting(monkeypatch, fail_after=fail_after)
     with pytest.raises(Interrupt):
-        compress(base_model(), train, val_loader=val, method=method, checkpoint_dir=tmp_path, **kw, **RESUME_KW)
+        compress(base_model(), train, val_loader=val, method=method, checkpoint_dir=tmp_path, **{**RESUME_KW, **kw})
     ckpt = read_checkpoint(tmp_path / CHECKPOINT_NAME, writer="ltc.compress")
     assert (ckpt["stage"], ckpt["epoch"]) == (stage, epoch)
     monkeypatch.undo()
@@ -341,8 +398,8 @@ def test_resume_inside_a_phase_is_bit_identical(uninterrupted, tmp_path, monkeyp
     calls = counting(monkeypatch)
     train, val = loaders()  # a fresh process would build fresh loaders
     res = compress(base_model(), train, val_loader=val, method=method, checkpoint_dir=tmp_path, resume=True,
-                   **kw, **RESUME_KW)
-    assert calls[0] == ref.plan["total"] - fail_after  # nothing done twice
+                   **{**RESUME_KW, **kw})
+    assert calls[0] == len(ref.log) - fail_after  # nothing done twice (a log row per pass)
     assert res.ranks == ref.ranks and res.plan == ref.plan
     assert_same_state(res.model, ref.model)
     assert [type(m) for m in res.model.modules()] == [type(m) for m in ref.model.modules()]
@@ -387,7 +444,9 @@ def test_resume_from_another_methods_checkpoint_is_refused(tmp_path, monkeypatch
     "kw, match",
     [
         ({"steps": -1}, "steps must be an int >= 1, got -1"),
-        ({"epochs_per_step": -2}, "epochs_per_step must be an int >= 1, got -2"),
+        ({"epochs_per_step": -2}, "epochs_per_step must be a finite number > 0, got -2"),
+        ({"epochs_per_step": 1.5}, "epochs_per_step must be a whole number of epochs (>= 1) or a fraction of one in "
+                                   "(0, 1), got 1.5"),
         ({"finetune_epochs": 1.5}, "finetune_epochs must be an int >= 0, got 1.5"),
         ({"epochs": -3}, "epochs must be an int >= 0, got -3"),
         ({"lr": 0.0}, "lr must be a finite number > 0, got 0.0"),
@@ -403,6 +462,9 @@ def test_resume_from_another_methods_checkpoint_is_refused(tmp_path, monkeypatch
         ({"kd_temperature": 0}, "kd_temperature must be a finite number > 0, got 0"),
         ({"method": "ltcc"}, "Did you mean 'ltc'"),
         ({"method": "nope"}, "unknown method 'nope'"),
+        ({"target_schedule": "slow"}, "target_schedule must be one of 'fixed', 'gradual', got 'slow'"),
+        ({"target_schedule": "gradual", "target_sr": None, "lam": 1e-3}, "it needs target_sr (not lam"),
+        ({"target_schedule": "gradual", "method": "oneshot"}, "method 'oneshot' picks its ranks once"),
     ],
 )
 def test_config_errors_come_before_any_training(kw, match, monkeypatch):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -34,7 +35,7 @@ from .cost import Profile, format_count, profile
 from .engine import EngineSettings
 from .latency import check_memory_format, to_memory_format
 from .methods import get_method
-from .settings import MEMORY_FORMATS, OPTIMIZERS, check_choice, check_int, check_number
+from .settings import MEMORY_FORMATS, OPTIMIZERS, TARGET_SCHEDULES, check_choice, check_int, check_number
 from .surgery import unwrap
 from .train import evaluate, fit, make_optimizer, make_scheduler, read_checkpoint
 from .utils import is_main_process, resolve_device, seed_everything
@@ -57,26 +58,49 @@ _ENGINE_FIELDS = tuple(f.name for f in dataclasses.fields(EngineSettings) if f.n
 
 @dataclass(frozen=True)
 class EpochPlan:
-    """How a run spends its epochs: ``lc_steps`` L steps of ``epochs_per_step`` epochs, then ``finetune``."""
+    """How a run spends its epochs: ``lc_steps`` L steps of ``epochs_per_step`` epochs, then ``finetune``.
+
+    ``epochs_per_step`` below 1 is a fraction of an epoch: each L step trains on the first
+    ``ceil(epochs_per_step x batches)`` batches of one freshly shuffled epoch, so the L steps take
+    ``lc_steps x epochs_per_step`` epochs of data; a budget (``epochs``) counts them rounded up."""
 
     lc_steps: int
-    epochs_per_step: int
+    epochs_per_step: int | float
     finetune: int
 
     @property
-    def lc_epochs(self) -> int:
-        return self.lc_steps * self.epochs_per_step
+    def fraction(self) -> float | None:
+        """The fraction of an epoch each L step takes, or ``None`` for whole epochs."""
+        return float(self.epochs_per_step) if self.epochs_per_step < 1 else None
 
     @property
-    def total(self) -> int:
+    def lc_fit_epochs(self) -> int:
+        """The passes :func:`ltc.train.fit` makes in the LC phase: one per L step for a fraction of an epoch."""
+        return self.lc_steps if self.fraction is not None else self.lc_steps * int(self.epochs_per_step)
+
+    @property
+    def step_fit_epochs(self) -> int:
+        """The passes of one L step (a C step follows every this many)."""
+        return 1 if self.fraction is not None else int(self.epochs_per_step)
+
+    def lc_epochs_of(self, fit_epochs: int) -> int | float:
+        """Epochs of data in ``fit_epochs`` LC passes."""
+        return fit_epochs * self.fraction if self.fraction is not None else fit_epochs
+
+    @property
+    def lc_epochs(self) -> int | float:
+        return self.lc_epochs_of(self.lc_fit_epochs)
+
+    @property
+    def total(self) -> int | float:
         return self.lc_epochs + self.finetune
 
     def describe(self) -> str:
         ft = f"{self.finetune} fine-tuning epoch{'s' * (self.finetune != 1)}"
         if not self.lc_steps:
             return f"{ft} ({self.total} in all)"
-        return (f"{self.lc_steps} LC step{'s' * (self.lc_steps != 1)} x {self.epochs_per_step} epoch"
-                f"{'s' * (self.epochs_per_step != 1)} + {ft} = {self.total} epochs")
+        return (f"{self.lc_steps} LC step{'s' * (self.lc_steps != 1)} x {self.epochs_per_step:g} epoch"
+                f"{'s' * (self.epochs_per_step != 1)} + {ft} = {self.total:g} epochs")
 
 
 @dataclass
@@ -121,7 +145,10 @@ class CompressConfig:
     by ``lr_decay`` per epoch and restarted each L step, as in the LC paper's scripts) and weight decay
     ``weight_decay`` on all weights except the compressed layers', which get ``lc_weight_decay`` (their regulariser
     is the penalty). ``skip_converged``: stop the LC steps once ``‖W − Θ‖/‖W‖ < tol`` and ranks are stable (the
-    epochs left go to fine-tuning).
+    epochs left go to fine-tuning). ``target_schedule`` (budget mode with ``target_sr``): ``'fixed'`` (the SPEC:
+    every C step aims at the target) or ``'gradual'``: C step ``j`` (0 = the first, before any L step) aims at
+    ``target_sr ** min(1, (j + 1) / steps)``, so the network is compressed a little more at every step and the last L
+    step trains at the target (as gradual pruning does; :func:`gradual_targets`).
 
     Every method: ``recalibrate_bn`` re-estimates BatchNorm statistics after deployment (over ``bn_batches``
     batches of the calibration data, all of it when ``None``) before any accuracy is measured; ``kd_weight`` in
@@ -153,7 +180,7 @@ class CompressConfig:
     method_options: dict[str, Any] = field(default_factory=dict)
     epochs: int | None = None
     steps: int = 5
-    epochs_per_step: int = 1
+    epochs_per_step: int | float = 1
     finetune_epochs: int | None = None
     mu0: float = 1e-3
     mu_growth: float | None = None
@@ -162,6 +189,7 @@ class CompressConfig:
     pull: float | None = None
     tol: float = 1e-3
     skip_converged: bool = True
+    target_schedule: str = "fixed"
     optimizer: str = "sgd"
     lr: float = 0.01
     lr_schedule: str = "restart"
@@ -214,8 +242,8 @@ class CompressConfig:
             from .methods.prune import require_torch_pruning
 
             require_torch_pruning()
-        for name in ("steps", "epochs_per_step"):
-            check_int(name, getattr(self, name), ge=1)
+        check_int("steps", self.steps, ge=1)
+        self.epochs_per_step = check_epochs_per_step(self.epochs_per_step)
         check_int("epochs", self.epochs, ge=0, optional=True)
         check_int("finetune_epochs", self.finetune_epochs, ge=0, optional=True)
         check_int("bn_batches", self.bn_batches, ge=1, optional=True)
@@ -228,6 +256,14 @@ class CompressConfig:
         check_number("pull", self.pull, gt=0, optional=True)
         check_choice("mu_cap", self.mu_cap, ("layer", "global", "none"))
         check_choice("lr_schedule", self.lr_schedule, ("restart", "cosine"))
+        check_choice("target_schedule", self.target_schedule, TARGET_SCHEDULES)
+        if self.target_schedule == "gradual":
+            if self.target_sr is None:
+                raise ValueError("target_schedule='gradual' moves a MAC budget step by step: it needs target_sr "
+                                 "(not lam or target_speedup); give target_sr, or target_schedule='fixed'")
+            if not method.learns:
+                raise ValueError(f"target_schedule='gradual' needs a method with L steps (ltc, lrc); method "
+                                 f"{self.method!r} picks its ranks once: use target_schedule='fixed'")
         self.optimizer = check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_number("momentum", self.momentum, ge=0, lt=1)
         check_number("weight_decay", self.weight_decay, ge=0)
@@ -259,7 +295,7 @@ class CompressConfig:
     def plan(self) -> EpochPlan:
         """The epochs each phase takes (see the class docstring); a ``ValueError`` when they cannot add up."""
         lc_steps = self.steps if get_method(self.method).learns else 0
-        lc = lc_steps * self.epochs_per_step
+        lc = math.ceil(round(lc_steps * self.epochs_per_step, 9))  # a fraction of an epoch counts as a whole one
         if self.epochs is None:
             return EpochPlan(lc_steps, self.epochs_per_step, 5 if self.finetune_epochs is None else
                              self.finetune_epochs)
@@ -278,6 +314,13 @@ class CompressConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def stage_target(self, c_step: int) -> float | None:
+        """The target C step ``c_step`` aims at (0 = the first C step, before any L step): ``target_sr`` itself, or
+        its gradual schedule's stage (see :func:`gradual_targets`)."""
+        if self.target_schedule != "gradual" or self.target_sr is None:
+            return self._target()
+        return gradual_targets(self.target_sr, self.steps)[min(c_step, self.steps)]
 
     def lr_eff(self) -> float:
         """The step size of plain gradient descent that SGD with momentum ``m`` and rate ``lr`` amounts to."""
@@ -304,6 +347,27 @@ class CompressConfig:
         mu0 = self.mu0 if self.steps > 1 else mu_final
         growth = (mu_final / mu0) ** (1.0 / (self.steps - 1)) if self.steps > 1 else 1.0
         return {"mu0": mu0, "mu_growth": growth, "mu_final": mu_final, "mu_cap": cap}
+
+
+def check_epochs_per_step(value: Any) -> int | float:
+    """``value`` as a whole number of epochs (an int >= 1) or a fraction of one (a float in (0, 1)); a ``ValueError``
+    naming both forms otherwise."""
+    check_number("epochs_per_step", value, gt=0)
+    if value >= 1 and float(value).is_integer():
+        return int(value)
+    if value < 1:
+        return float(value)
+    raise ValueError(f"epochs_per_step must be a whole number of epochs (>= 1) or a fraction of one in (0, 1), "
+                     f"got {value!r}")
+
+
+def gradual_targets(target: float, steps: int) -> list[float]:
+    """The targets of a gradual schedule for C steps ``0..steps``: ``target ** min(1, (j + 1) / steps)``, geometric
+    from ``target ** (1/steps)`` up to ``target``, reached at C step ``steps - 1`` so that the last L step trains
+    toward the final ranks."""
+    check_number("target", target, ge=1)
+    check_int("steps", steps, ge=1)
+    return [float(target) ** min(1.0, (j + 1) / steps) for j in range(steps + 1)]
 
 
 def full_ranks(compression: Any) -> dict[str, Any]:
@@ -501,7 +565,7 @@ def compress(
     base_prof = profile(work, example_input)
     table = _latency_table(work, example_input, cfg, progress) if cfg.resolved_cost() == "latency" else None
     comp = method.build(work, example_input, calibration=calib, latency_table=table, **cfg.engine_kwargs())
-    if plan.lc_epochs:
+    if plan.lc_steps:
         sched = cfg.schedule(_len(train_loader), comp.scale_range)
         comp.set_schedule(**{k: v for k, v in sched.items() if k != "mu_final"})
     speed: dict[str, Any] = {}
@@ -511,6 +575,9 @@ def compress(
         speed = _meet(comp, model, example_input, cfg, refuse=True)
     elif ckpt is None:
         comp.start()  # the first C step (or the rank rule) checks the target's reachability before any training
+        first = cfg.stage_target(0)
+        if plan.lc_steps and first != cfg.target_sr:  # a gradual schedule: its first stage, from the same weights
+            comp.retarget(first)
     if base_acc is None and val_loader is not None:
         base_acc = (ckpt["extra"] or {}).get("base_acc") if ckpt is not None else _acc(work, val_loader, device, cfg)
     if progress and is_main_process():
@@ -536,22 +603,22 @@ def compress(
 
     # ---------------------------------------------------------------- LC steps (learning methods only)
     lc_done = 0
-    if plan.lc_epochs and stage != "finetune":
-        lc_hist = fit(work, train_loader, val_loader, epochs=plan.lc_epochs, stage="lc", resume=ckpt is not None,
-                      extra_loss=comp.penalty, extra_state=(extra(), restore), on_epoch_end=_c_step_hook(
-                          comp, cfg, plan), describe=lambda e: f"L step {e // plan.epochs_per_step + 1}/"
-                      f"{plan.lc_steps}, epoch {e % plan.epochs_per_step + 1}/{plan.epochs_per_step}",
+    if plan.lc_steps and stage != "finetune":
+        lc_loader = train_loader if plan.fraction is None else FirstBatches(train_loader, plan.fraction)
+        lc_hist = fit(work, lc_loader, val_loader, epochs=plan.lc_fit_epochs, stage="lc", resume=ckpt is not None,
+                      extra_loss=comp.penalty, extra_state=(extra(), restore),
+                      on_epoch_end=_c_step_hook(comp, cfg, plan), describe=_lc_label(plan),
                       log=log, optimizer=_lc_optimizer(work, comp, cfg), scheduler=None, **common,
                       **_lc_scheduler_kw(cfg, plan))
         lc_done = len(lc_hist)
     elif stage == "finetune":
         restore(ckpt["extra"])  # type: ignore[index]
-        lc_done = int(ckpt["extra"].get("lc_epochs_done", plan.lc_epochs))  # type: ignore[index]
+        lc_done = int(ckpt["extra"].get("lc_epochs_done", plan.lc_fit_epochs))  # type: ignore[index]
 
     # ---------------------------------------------------------------- deploy, re-estimate BatchNorm, fine-tune
     if stage == "finetune":
         speed = dict(ckpt["extra"].get("speedup") or {})  # type: ignore[index]
-    elif cfg.target_speedup is not None and (plan.lc_epochs or ckpt is not None):  # the L steps moved the ranks
+    elif cfg.target_speedup is not None and (plan.lc_steps or ckpt is not None):  # the L steps moved the ranks
         before = speed
         speed = _meet(comp, model, example_input, cfg)
         if before:
@@ -563,7 +630,9 @@ def compress(
         if cfg.recalibrate_bn:
             recalibrate_batchnorm(small, calib, cfg.bn_batches)
         acc_before = _acc(small, val_loader, device, cfg)
-    ft_epochs = plan.finetune + (plan.lc_epochs - lc_done)  # LC epochs skipped once converged go to fine-tuning
+    # LC epochs skipped once converged go to fine-tuning (whole epochs: a fraction of one is counted as one)
+    lc_epochs = plan.lc_epochs_of(lc_done)
+    ft_epochs = plan.finetune + math.ceil(round(plan.lc_epochs, 9)) - math.ceil(round(lc_epochs, 9))
     opt = make_optimizer(small, name=cfg.optimizer, lr=cfg.finetune_lr, momentum=cfg.momentum,
                          nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     fit(small, train_loader, val_loader, epochs=ft_epochs, stage="finetune", resume=stage == "finetune",
@@ -580,8 +649,8 @@ def compress(
         model=small, method=cfg.method, ranks=dict(comp.ranks), full_ranks=full_ranks(comp), lam=comp.lam,
         target_sr=cfg.target_sr, base=base_prof, compressed=profile(small, example_input), base_acc=base_acc,
         acc_before_finetune=acc_before, acc=acc, history=history, log=log.rows, config=cfg.to_dict(),
-        plan={"lc_steps": plan.lc_steps, "epochs_per_step": plan.epochs_per_step, "lc_epochs": lc_done,
-              "finetune": ft_epochs, "total": lc_done + ft_epochs},
+        plan={"lc_steps": plan.lc_steps, "epochs_per_step": plan.epochs_per_step, "lc_epochs": lc_epochs,
+              "finetune": ft_epochs, "total": lc_epochs + ft_epochs},
         w_theta_final=history[-1]["distance"] if learned else None, speedup=speed,
         seconds=time.perf_counter() - t_start,
     )
@@ -608,12 +677,17 @@ def _c_step_hook(comp: Any, cfg: CompressConfig, plan: EpochPlan) -> Any:
 
     def hook(epoch: int, row: dict[str, Any]) -> dict[str, Any] | None:
         out: dict[str, Any] = {"phase": "lc", "mu": comp.mu}
-        if epoch % plan.epochs_per_step:
+        if epoch % plan.step_fit_epochs:
             return out
-        comp.step()
+        c_step = epoch // plan.step_fit_epochs
+        target = cfg.stage_target(c_step)
+        comp.step(target if cfg.target_schedule == "gradual" else None)
         h = comp.history[-1]
         out.update({"step": h["step"], "sr": h["sr"], "lam": h["lam"], "distance": h["distance"]})
-        if cfg.skip_converged and comp.converged and epoch < plan.lc_epochs:
+        if cfg.target_schedule == "gradual":
+            out["target"] = target
+        final = target == cfg._target()  # a gradual schedule does not stop before it reaches the target
+        if cfg.skip_converged and final and comp.converged and epoch < plan.lc_fit_epochs:
             out["stop"] = True
         return out
 
@@ -631,9 +705,40 @@ def _lc_optimizer(model: nn.Module, comp: Any, cfg: CompressConfig) -> torch.opt
 
 def _lc_scheduler_kw(cfg: CompressConfig, plan: EpochPlan) -> dict[str, Any]:
     if cfg.lr_schedule == "cosine":
-        return {"sched_cfg": {"name": "cosine", "epochs": plan.lc_epochs}}
-    return {"sched_cfg": {"name": "exp", "gamma": cfg.lr_decay, "epochs": plan.epochs_per_step,
-                          "cycle": plan.epochs_per_step}}
+        return {"sched_cfg": {"name": "cosine", "epochs": plan.lc_fit_epochs}}
+    return {"sched_cfg": {"name": "exp", "gamma": cfg.lr_decay, "epochs": plan.step_fit_epochs,
+                          "cycle": plan.step_fit_epochs}}
+
+
+def _lc_label(plan: EpochPlan) -> Any:
+    """Names LC pass ``e`` (0-based) in progress messages."""
+    if plan.fraction is not None:
+        return lambda e: f"L step {e + 1}/{plan.lc_steps} ({plan.fraction:g} epoch)"
+    n = plan.step_fit_epochs
+    return lambda e: f"L step {e // n + 1}/{plan.lc_steps}, epoch {e % n + 1}/{n}"
+
+
+class FirstBatches:
+    """The first ``ceil(fraction x len(loader))`` batches of each pass over ``loader`` (at least one): an L step of a
+    fraction of an epoch. Everything else (``sampler``, ``generator``, ...) is the loader's, so :func:`fit` seeds each
+    pass's order as it seeds a whole epoch and a resumed run sees the same batches."""
+
+    def __init__(self, loader: Iterable[Any], fraction: float) -> None:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+        n = _len(loader)
+        if n is None:
+            raise ValueError("an L step of a fraction of an epoch needs a loader with a length (len(loader))")
+        self.loader, self.batches = loader, max(1, math.ceil(round(fraction * n, 9)))
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self) -> Any:
+        return itertools.islice(iter(self.loader), self.batches)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["loader"], name)
 
 
 SPEEDUP_TOLERANCE = 0.10  # a measured speed-up this far from target_speedup triggers a correction

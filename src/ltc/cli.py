@@ -29,7 +29,7 @@ from . import config as cfgmod
 from . import pipelines, runs
 from .cost import format_count, profile
 from .methods import list_methods
-from .settings import COSTS, MEMORY_FORMATS, METRICS, OPTIMIZERS, SCHEDULES, WEIGHTINGS
+from .settings import COSTS, MEMORY_FORMATS, METRICS, OPTIMIZERS, SCHEDULES, TARGET_SCHEDULES, WEIGHTINGS
 from .utils import is_main_process
 
 __all__ = ["main", "build_parser", "SLIDES_FLOPS"]
@@ -171,7 +171,11 @@ def _compress_opts(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     f("--epochs", key="compress.epochs", type=int,
       help="the whole epoch budget: LC steps then fine-tuning for ltc/lrc, fine-tuning for the others")
     f("--steps", key="compress.steps", type=int, help="LC steps (C steps) (default 5)")
-    f("--epochs-per-step", key="compress.epochs_per_step", type=int, help="epochs of each L step (default 1)")
+    f("--epochs-per-step", key="compress.epochs_per_step", type=float,
+      help="epochs of each L step (default 1); a fraction below 1 trains each L step on that share of one epoch")
+    f("--target-schedule", key="compress.target_schedule", choices=TARGET_SCHEDULES,
+      help="with --target-sr and L steps: every C step aims at the target (fixed, default) or the target is reached "
+           "a step at a time (gradual: SR ** ((j + 1) / steps) at C step j)")
     f("--finetune-epochs", key="compress.finetune_epochs", type=int,
       help="fine-tuning epochs, ranks fixed (default: what --epochs leaves, else 5)")
     f("--lr", key="compress.lr", type=float, help="L-step learning rate, restarted each step (default 0.01)")

@@ -497,11 +497,18 @@ class LCEngine:
         return [s.module.weight for s in self.layers.values()]
 
     # ----------------------------------------------------------------------------------------- C step
-    def step(self) -> None:
+    def step(self, target: float | None = None) -> None:
         """One C step at the current μ, then ``φ_k ← φ_k − ρ_k (W_k − Θ_k)`` and ``μ ← mu_growth · μ``.
 
         With the data metric the calibration statistics are measured again first. The C step that follows the
-        ``j``-th L step is recorded in ``history`` as step ``j`` (1-based; :meth:`start`'s C step is step 0)."""
+        ``j``-th L step is recorded in ``history`` as step ``j`` (1-based; :meth:`start`'s C step is step 0).
+        ``target``: budget mode only, the SR (or speed-up) this C step and the later ones aim at (a gradual
+        schedule moves it step by step; :func:`ltc.compress` with ``target_schedule='gradual'``)."""
+        if target is not None:
+            if self.target is None:
+                raise ValueError("step(target=...) needs budget mode (an engine built with target_sr)")
+            check_number("target", target, ge=1)
+            self.target = float(target)
         self.start()
         self.steps_done += 1
         self._refresh_metric()
@@ -610,6 +617,7 @@ class LCEngine:
             "step": self.steps_done,
             "mu": self.mu,
             "lam": self.lam,
+            "target": self.target,  # the budget this C step aimed at (None in λ mode)
             "ranks": ranks,
             "moved": None if prev is None else sum(prev[n] != ranks[n] for n in ranks),
             "err": {n: s.err for n, s in self.layers.items()},

@@ -17,6 +17,7 @@ __all__ = [
     "METRICS",
     "OPTIMIZERS",
     "SCHEDULES",
+    "TARGET_SCHEDULES",
     "WEIGHTINGS",
     "check_choice",
     "check_int",
@@ -35,6 +36,7 @@ WEIGHTINGS = ("relative", "absolute")
 METRICS = ("weight", "data")
 """How a layer's approximation error is measured: in weight space, or on the layer's inputs (data-aware)."""
 MEMORY_FORMATS = ("contiguous", "channels_last")
+TARGET_SCHEDULES = ("fixed", "gradual")  # how budget mode reaches target_sr over the C steps (ltc.api)
 """Layouts a network is timed and run in under eager PyTorch: NCHW (PyTorch's default) or NHWC weights."""
 
 
