@@ -368,6 +368,9 @@ def plot_trajectories(result_or_run: RunLike, out_path: str | Path) -> list[Path
     ax_sr.plot(steps, [h.get("cr", math.nan) for h in hist], marker="s", ms=3, label="CR (params)")
     if isinstance(run.get("target_sr"), int | float):
         ax_sr.axhline(run["target_sr"], color="k", ls="--", lw=1, label=f"target SR {run['target_sr']:g}")
+    aims = [h.get("target") for h in hist]
+    if all(isinstance(v, int | float) for v in aims) and len(set(aims)) > 1:  # a gradual or re-targeted budget
+        ax_sr.plot(steps, aims, color="k", ls=":", lw=1, drawstyle="steps-mid", label="target of each C step")
     ax_sr.set(xlabel=xlabel, ylabel="ratio (base / compressed)", title="Speed-up and compression")
     ax_sr.legend(fontsize=8)
 
