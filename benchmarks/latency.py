@@ -208,7 +208,9 @@ def markdown(doc: dict[str, Any]) -> str:
              "Each speed-up is measured with the base and the compressed network interleaved in one run (BatchNorm "
              "folded); 'latency cost': one LTC C step on the measured table (ranks multiples of 8, dense fallback), "
              "calibrated on the timing and re-targeted while the measured speed-up missed by more than 10 % "
-             "('measured': the loop's timing of the network kept; 're-timed': that network timed again, "
+             "('measured': the loop's timing of the network kept, the geometric mean of two independent timings "
+             "when the first was within 10 % and the loop confirms (library versions after 2026-12-06); "
+             "'re-timed': that network timed again, "
              f"independently, {p.get('retime_repeats', 50)} runs); 'MAC cost': LTC with MAC cost (ranks "
              "multiples of 8), its target SR bisected to the same measured speed-up.", "",
              "| model | runtime | batch | table: ops / s | target | predicted | measured | re-timed | corr. "
