@@ -61,16 +61,14 @@ ABLATION: list[tuple[str, str, dict[str, Any]]] = [
     ("ltc+schedule/5+data", "ltc", {**V1, **SCHEDULE, **SHORT, "metric": "data", "centered": True}),
     ("ltc+schedule/5+data+floor", "ltc", {**V1, **SCHEDULE, **SHORT, "metric": "data", "centered": True,
                                            "min_rank": 2}),
-    ("ltc+schedule/5+data+floor+kd", "ltc", {**V1, **SCHEDULE, **SHORT, "metric": "data", "centered": True,
-                                              "min_rank": 2, "kd_weight": 0.5}),
+    ("ltc+schedule/5+data+floor+kd", "ltc", CURRENT),
     # the budget reached a step at a time (SR ** ((j + 1) / steps) at C step j) instead of at every C step, and L
     # steps of a fifth of an epoch each (1 epoch of LC, 14 of fine-tuning), apart and together
     ("ltc+schedule/5+data+floor+kd+gradual", "ltc", {**CURRENT, "target_schedule": "gradual"}),
     ("ltc+schedule/5+data+floor+kd+short", "ltc", {**CURRENT, "epochs_per_step": 0.2}),
     ("ltc+schedule/5+data+floor+kd+gradual+short", "ltc", {**CURRENT, "target_schedule": "gradual",
                                                            "epochs_per_step": 0.2}),
-    ("ltc+schedule/5+data+floor4+kd", "ltc", {**V1, **SCHEDULE, **SHORT, "metric": "data", "centered": True,
-                                               "min_rank": 4, "kd_weight": 0.5}),
+    ("ltc+schedule/5+data+floor4+kd", "ltc", {**CURRENT, "min_rank": 4}),
     # steps / lc_weight_decay do nothing for one-shot; pinned to the values this row ran with (its run folder's hash)
     ("oneshot-weight", "oneshot", {"metric": "weight", "min_rank": 1, "kd_weight": 0.0, "steps": 10,
                                    "lc_weight_decay": 5e-4}),

@@ -321,6 +321,18 @@ def test_an_l_step_of_a_fraction_of_an_epoch_trains_on_the_first_batches_of_a_fr
         assert seen[e] == [int(y.sum()) for _x, y in loader][:k]
 
 
+def test_first_batches_forwards_the_loaders_attributes_and_copies():
+    loader = DataLoader(TRAIN, batch_size=8, sampler=ltc.train.EpochSeededSampler(TRAIN, seed=3))
+    part = ltc.api.FirstBatches(loader, 0.3)
+    assert len(part) == 3 and part.sampler is loader.sampler and part.batch_size == 8
+    twin = copy.deepcopy(part)  # an uninitialised copy must not look its attributes up in a loader it lacks yet
+    assert len(twin) == 3 and [y.tolist() for _x, y in twin] == [y.tolist() for _x, y in part]
+    with pytest.raises(AttributeError):
+        part.no_such_attribute  # noqa: B018
+    with pytest.raises(ValueError, match=r"fraction must lie in \(0, 1\], got 1.5"):
+        ltc.api.FirstBatches(loader, 1.5)
+
+
 # --------------------------------------------------------------------------------------------- BatchNorm
 @pytest.mark.parametrize("batches", [None, 1])
 def test_batchnorm_is_reestimated_after_deployment(trained_base, batches):

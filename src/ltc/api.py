@@ -295,7 +295,7 @@ class CompressConfig:
     def plan(self) -> EpochPlan:
         """The epochs each phase takes (see the class docstring); a ``ValueError`` when they cannot add up."""
         lc_steps = self.steps if get_method(self.method).learns else 0
-        lc = math.ceil(round(lc_steps * self.epochs_per_step, 9))  # a fraction of an epoch counts as a whole one
+        lc = whole(lc_steps * self.epochs_per_step)  # a fraction of an epoch counts as a whole one
         if self.epochs is None:
             return EpochPlan(lc_steps, self.epochs_per_step, 5 if self.finetune_epochs is None else
                              self.finetune_epochs)
@@ -347,6 +347,11 @@ class CompressConfig:
         mu0 = self.mu0 if self.steps > 1 else mu_final
         growth = (mu_final / mu0) ** (1.0 / (self.steps - 1)) if self.steps > 1 else 1.0
         return {"mu0": mu0, "mu_growth": growth, "mu_final": mu_final, "mu_cap": cap}
+
+
+def whole(x: float) -> int:
+    """``ceil(x)``, blind to float round-off (``5 x 0.2`` is 1 whole epoch, not 2)."""
+    return math.ceil(round(x, 9))
 
 
 def check_epochs_per_step(value: Any) -> int | float:
@@ -575,9 +580,8 @@ def compress(
         speed = _meet(comp, model, example_input, cfg, refuse=True)
     elif ckpt is None:
         comp.start()  # the first C step (or the rank rule) checks the target's reachability before any training
-        first = cfg.stage_target(0)
-        if plan.lc_steps and first != cfg.target_sr:  # a gradual schedule: its first stage, from the same weights
-            comp.retarget(first)
+        if plan.lc_steps and cfg.target_schedule == "gradual":  # its first stage, from the same weights
+            comp.retarget(cfg.stage_target(0))
     if base_acc is None and val_loader is not None:
         base_acc = (ckpt["extra"] or {}).get("base_acc") if ckpt is not None else _acc(work, val_loader, device, cfg)
     if progress and is_main_process():
@@ -632,11 +636,12 @@ def compress(
         acc_before = _acc(small, val_loader, device, cfg)
     # LC epochs skipped once converged go to fine-tuning (whole epochs: a fraction of one is counted as one)
     lc_epochs = plan.lc_epochs_of(lc_done)
-    ft_epochs = plan.finetune + math.ceil(round(plan.lc_epochs, 9)) - math.ceil(round(lc_epochs, 9))
+    ft_epochs = plan.finetune + whole(plan.lc_epochs) - whole(lc_epochs)
     opt = make_optimizer(small, name=cfg.optimizer, lr=cfg.finetune_lr, momentum=cfg.momentum,
                          nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     fit(small, train_loader, val_loader, epochs=ft_epochs, stage="finetune", resume=stage == "finetune",
         optimizer=opt, scheduler=make_scheduler(opt, "cosine", epochs=max(ft_epochs, 1)), epoch_offset=lc_done,
+        # "lc_epochs_done" counts LC passes of fit (a fraction of an epoch each with epochs_per_step < 1)
         extra_state=(extra({"acc_before": acc_before, "lc_epochs_done": lc_done, "speedup": speed}), restore),
         on_epoch_end=lambda e, row: {"phase": "finetune", "epoch": lc_done + e},  # rows count the whole run
         describe=lambda e: f"fine-tuning epoch {e + 1}/{ft_epochs}", log=log, **common)
@@ -729,7 +734,7 @@ class FirstBatches:
         n = _len(loader)
         if n is None:
             raise ValueError("an L step of a fraction of an epoch needs a loader with a length (len(loader))")
-        self.loader, self.batches = loader, max(1, math.ceil(round(fraction * n, 9)))
+        self.loader, self.batches = loader, max(1, whole(fraction * n))
 
     def __len__(self) -> int:
         return self.batches
@@ -737,8 +742,12 @@ class FirstBatches:
     def __iter__(self) -> Any:
         return itertools.islice(iter(self.loader), self.batches)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["loader"], name)
+    def __getattr__(self, name: str) -> Any:  # only called for names not found on the wrapper itself
+        try:
+            loader = self.__dict__["loader"]
+        except KeyError:  # not initialised yet (copy, pickle): behave as a plain object would
+            raise AttributeError(name) from None
+        return getattr(loader, name)
 
 
 SPEEDUP_TOLERANCE = 0.10  # a measured speed-up this far from target_speedup triggers a correction

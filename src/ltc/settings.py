@@ -36,8 +36,9 @@ WEIGHTINGS = ("relative", "absolute")
 METRICS = ("weight", "data")
 """How a layer's approximation error is measured: in weight space, or on the layer's inputs (data-aware)."""
 MEMORY_FORMATS = ("contiguous", "channels_last")
-TARGET_SCHEDULES = ("fixed", "gradual")  # how budget mode reaches target_sr over the C steps (ltc.api)
 """Layouts a network is timed and run in under eager PyTorch: NCHW (PyTorch's default) or NHWC weights."""
+TARGET_SCHEDULES = ("fixed", "gradual")
+"""How budget mode reaches ``target_sr`` over the C steps: at every C step, or a step at a time (:mod:`ltc.api`)."""
 
 
 def is_number(v: Any) -> bool:
