@@ -555,3 +555,20 @@ def test_unreachable_latency_target_reports_the_best_speedup(latency):
     ok = ltc.LTC(model, X, target_sr=best * 0.999, cost="latency", latency_table=table, compress_linear=True)
     ok.start()
     assert ok.predicted_speedup >= best * 0.999
+
+
+def test_onnx_sessions_time_without_spinning_threads():
+    """Sessions timed side by side must not busy-wait (one session's spinning pool takes the other's cores); the
+    ONNX Runtime default stays reachable. The session computes what the module does."""
+    pytest.importorskip("onnxruntime")
+    from ltc.latency import onnx_session
+
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU()).eval()
+    x = torch.randn(1, 2, 4, 4)
+    for spinning, flag in ((False, "0"), (True, "1")):
+        sess = onnx_session(model, (x,), 2, **({"spinning": True} if spinning else {}))
+        opts = sess.get_session_options()
+        assert opts.get_session_config_entry("session.intra_op.allow_spinning") == flag
+        assert opts.intra_op_num_threads == 2
+        (out,) = sess.run(None, {"x0": x.numpy()})
+        torch.testing.assert_close(torch.from_numpy(out), model(x), atol=1e-5, rtol=1e-5)

@@ -135,10 +135,16 @@ class _OrtTimer:
         return (time.perf_counter() - t0) * 1e3
 
 
-def onnx_session(module: nn.Module, inputs: tuple[Tensor, ...], threads: int) -> Any:
+def onnx_session(module: nn.Module, inputs: tuple[Tensor, ...], threads: int, *, spinning: bool = False) -> Any:
     """An ONNX Runtime ``InferenceSession`` (CPU, ``intra_op_num_threads=threads``) of ``module`` exported in
     memory (opset 17, constants folded; inputs named ``x0, x1, ...``). Needs ``onnxruntime``
-    (``pip install -e ".[export]"``)."""
+    (``pip install -e ".[export]"``).
+
+    ``spinning``: ONNX Runtime's default lets idle pool threads busy-wait after each run. Off here (the default):
+    when two sessions are timed interleaved, one session's spinning threads take the cores the other one runs on.
+    Measured on 2 cores (ResNet-34, 224x224, batch 1, interleaved with one SR-5 network): spinning on, the base
+    timed 66-73 ms (speed-up 2.43-3.87 over four 30-run timings); off, 37-41 ms (3.03-3.78 over four 30-run
+    timings, 3.50-3.56 over four 100-run ones)."""
     import io
     import warnings
 
@@ -155,6 +161,7 @@ def onnx_session(module: nn.Module, inputs: tuple[Tensor, ...], threads: int) ->
     opts.intra_op_num_threads = int(threads)
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
 
 

@@ -424,7 +424,7 @@ def _runtime_tag(runtime: str) -> str:
     if runtime == "onnxruntime":
         import onnxruntime
 
-        return f"onnxruntime-{onnxruntime.__version__}"
+        return f"onnxruntime-{onnxruntime.__version__}-nospin"  # ops timed with spinning off (see onnx_session)
     return f"eager-torch-{torch.__version__}"
 
 
