@@ -159,8 +159,10 @@ def smoke_rows() -> list[Row]:
     return rows
 
 
-def row_config(row: Row, epochs: int, base: Any) -> dict[str, Any]:
-    """The run config of a row: the library's defaults, the protocol's budget, the row's overrides."""
+def row_config(row: Row, epochs: int, base: Any, scale: int = 1) -> dict[str, Any]:
+    """The run config of a row: the library's defaults, the protocol's budget, the row's overrides. ``scale``: a
+    budget of ``scale x EPOCHS`` (``--epochs``): the LC methods' L steps get ``scale`` epochs each, so LC and
+    fine-tuning keep their shares of the budget."""
     from ltc import config as cfgmod
 
     goal = {} if row.speedup is not None else {"target_sr": row.target}
@@ -170,6 +172,8 @@ def row_config(row: Row, epochs: int, base: Any) -> dict[str, Any]:
 
         steps = CompressConfig.__dataclass_fields__["steps"].default
         compress.setdefault("steps", min(steps, max(epochs - 1, 1)))
+        if scale != 1:
+            compress["epochs_per_step"] = compress.get("epochs_per_step", 1.0) * scale
     return cfgmod.load_config(overrides={
         "data": {"source": base.data.get("source"), "batch_size": 128},
         "compress": compress,
@@ -394,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="results stem folder (default benchmarks/results)")
     ap.add_argument("--runs", type=Path, help="where the run folders go (default runs/quality)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--budget-scale", type=int, default=1, metavar="K",
+                    help=f"a budget of K x {EPOCHS} epochs per method (L steps K epochs each); results go to "
+                         "quality_budget<epochs>.{json,md} instead of the protocol's summary")
     ap.add_argument("--remeasure", action="store_true",
                     help="time every finished run's model against its base again (run it on a quiet machine), exit")
     ap.add_argument("--refresh", action="store_true",
@@ -408,8 +415,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     out_dir = args.out or (C.RESULTS if not args.smoke else Path("/tmp/ltc_quality_smoke"))
     run_root = args.runs or (OUT_RUNS if not args.smoke else out_dir / "runs")
-    stem = out_dir / ("quality_summary" if not args.smoke else "quality_smoke")
-    epochs = 2 if args.smoke else EPOCHS
+    if args.budget_scale < 1 or (args.smoke and args.budget_scale != 1):
+        ap.error("--budget-scale must be a whole number >= 1 (and 1 with --smoke)")
+    epochs = 2 if args.smoke else EPOCHS * args.budget_scale
+    stem = out_dir / ("quality_smoke" if args.smoke else "quality_summary" if args.budget_scale == 1
+                      else f"quality_budget{epochs}")
     rows = smoke_rows() if args.smoke else protocol_rows(not args.no_ablation)
     if args.only:
         rows = [r for r in rows if re.search(args.only, r.id)]
@@ -472,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
             rec = C.base_record(bases[key], row.dataset, WIDTH if not args.smoke else 0.5)
             doc["bases"] = [b for b in doc["bases"] if (b["dataset"], b["model"]) != key] + [rec]
         base = runs.load_model(bases[key])
-        cfg = row_config(row, epochs, base)
+        cfg = row_config(row, epochs, base, args.budget_scale)
         if key not in data_cache:
             data_cache[key] = pipelines.build_data(cfg, base)
         folder = row.folder(run_root, cfg)

@@ -71,6 +71,31 @@ def test_rows_with_equal_settings_share_a_run_folder(tmp_path: Path) -> None:
     assert fc != fa and (fc == fb) == (default_kd == 0.5)
 
 
+def test_a_scaled_budget_keeps_the_lc_share_and_plans_as_stated(tmp_path: Path) -> None:
+    """--budget-scale K: every method gets K x 15 epochs; the LC methods' L steps K epochs each (a fifth of an epoch
+    stays a fraction), so the epoch plan splits K x (LC, fine-tuning) of the 15-epoch protocol; others untouched."""
+    base = ltc.runs.LoadedModel(models.create("small_cnn", num_classes=10, in_channels=1), path=tmp_path / "m.pt",
+                                run_dir=None, data={"source": "digits"}, result={}, meta={})
+    ltc_row = quality.Row("cifar10", "resnet34_cifar", "ltc", 10.0, 0)
+    short = quality.Row("cifar10", "resnet34_cifar", "ltc", 10.0, 0, "ablation", "s", {"epochs_per_step": 0.2})
+    one = quality.Row("cifar10", "resnet34_cifar", "oneshot", 10.0, 0)
+
+    def plan(row, scale):
+        c = quality.row_config(row, 15 * scale, base, scale)["compress"]
+        fields = ltc.CompressConfig.__dataclass_fields__
+        return c, ltc.CompressConfig(**{k: v for k, v in c.items() if k in fields and v is not None}).plan()
+
+    for scale in (1, 2, 3):
+        c, p = plan(ltc_row, scale)
+        assert c["epochs"] == 15 * scale and p.lc_epochs == 5 * scale and p.finetune == 10 * scale
+        c, p = plan(short, scale)
+        assert c["epochs_per_step"] == pytest.approx(0.2 * scale)
+        c, p = plan(one, scale)
+        assert c["epochs"] == 15 * scale and (p.lc_steps, p.finetune) == (0, 15 * scale)
+    with pytest.raises(SystemExit):
+        quality.main(["--budget-scale", "0", "--list"])
+
+
 @pytest.mark.slow
 def test_quality_smoke_writes_the_summary_schema_and_resumes(tmp_path: Path, capsys) -> None:
     """One smoke row end to end: the summary has the issue's fixed schema, accuracies are fractions, the model file

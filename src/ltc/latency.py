@@ -142,9 +142,9 @@ def onnx_session(module: nn.Module, inputs: tuple[Tensor, ...], threads: int, *,
 
     ``spinning``: ONNX Runtime's default lets idle pool threads busy-wait after each run. Off here (the default):
     when two sessions are timed interleaved, one session's spinning threads take the cores the other one runs on.
-    Measured on 2 cores (ResNet-34, 224x224, batch 1, interleaved with one SR-5 network): spinning on, the base
-    timed 66-73 ms (speed-up 2.43-3.87 over four 30-run timings); off, 37-41 ms (3.03-3.78 over four 30-run
-    timings, 3.50-3.56 over four 100-run ones)."""
+    Measured on 2 cores (ResNet-34, 224x224, batch 1, interleaved with one SR-5 network, three processes): with
+    spinning the base timed 59-73 ms in 6 of 6 timings, without it 37-41 ms in 10 of 10. Timed alone, a session
+    measured 36-66 ms either way (this VM's noise); spinning is not what makes a lone session fast."""
     import io
     import warnings
 
