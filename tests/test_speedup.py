@@ -330,3 +330,21 @@ def test_layers_timed_alone_outweighing_the_model_leave_nothing_fixed() -> None:
     assert e.fixed_latency == 0.0 and e.base_cost_latency == pytest.approx(dense_total)
     chosen = sum(e.layer_cost(s, s.rank, "latency") for s in e.layers.values())
     assert 1.5 <= e.predicted_speedup == pytest.approx(dense_total / chosen)
+
+
+@pytest.mark.parametrize("runtime, asked, used", [("eager", None, 20), ("onnxruntime", None, 100),
+                                                   ("onnxruntime", 7, 7)])
+def test_timings_take_more_runs_under_onnx_runtime(table, monkeypatch, runtime: str, asked, used: int) -> None:
+    """ONNX Runtime's timings are noisier, so each one takes 100 interleaved runs unless asked otherwise (eager 20);
+    the runtime is passed through to every timing."""
+    seen: list[tuple[str, int]] = []
+
+    def fake(base, small, x, **kw):
+        seen.append((kw["runtime"], kw["repeats"]))
+        return {"speedup": fake.engine.predicted_speedup, "base_ms": 1.0, "compressed_ms": 1.0}
+
+    monkeypatch.setattr(ltc.latency, "compare_latency", fake)
+    eng = ltc.LTC(Net(), X, target_sr=1.5, cost="latency", latency_table=table)
+    fake.engine = eng
+    out = ltc.api.meet_speedup(eng, Net(), X, 1.5, runtime=runtime, **({} if asked is None else {"repeats": asked}))
+    assert seen and set(seen) == {(runtime, used)} and out["runtime"] == runtime

@@ -790,7 +790,7 @@ def _timed_on_rank0(comp: Any, timing: dict[str, Any]) -> dict[str, Any]:
 
 
 def meet_speedup(comp: Any, base: nn.Module, example_input: Tensor, target: float, *, runtime: str = "eager",
-                 threads: int | None = None, batch: int = 1, repeats: int = 20,
+                 threads: int | None = None, batch: int = 1, repeats: int | None = None,
                  memory_format: str = "contiguous", refuse: bool = False, confirm: bool = True) -> dict[str, Any]:
     """Make a budget-mode latency engine's deployed network reach ``target`` measured speed-up over ``base``.
 
@@ -814,12 +814,14 @@ def meet_speedup(comp: Any, base: nn.Module, example_input: Tensor, target: floa
     "chosen_attempt", "attempts": [...], "stopped", "table_refused", "table_best", "runtime", "memory_format"}``
     (``predicted``: the table's uncalibrated prediction; ``stopped``: why corrections ended before the target was
     met, else ``None``; ``table_refused``: the table alone put ``target`` out of reach; ``table_best``: the table's
-    fastest predicted speed-up once the loop needed it, else ``None``)."""
+    fastest predicted speed-up once the loop needed it, else ``None``). ``repeats``: interleaved runs per timing;
+    default 20 in eager PyTorch, 100 under ONNX Runtime (whose timings are noisier; ``benchmarks/latency.py``)."""
     from .engine import UnreachableTarget
     from .latency import compare_latency
     from .latency_table import savings_scale, table_target
 
     target = float(target)
+    repeats = (100 if runtime == "onnxruntime" else 20) if repeats is None else int(repeats)
     x = example_input[:1].expand(batch, *example_input.shape[1:]).contiguous().cpu()
     ref = copy.deepcopy(unwrap(base)).cpu().eval()
     table_best: float | None = None
