@@ -5,6 +5,7 @@ distillation setting, on converged bases; several seeds where it decides.
     python benchmarks/quality.py --list          # the rows, and which are done
     python benchmarks/quality.py --only 'cifar10/resnet34_cifar/.*/sr10'   # a regex over row ids
     python benchmarks/quality.py --smoke --out /tmp/q   # every code path in a minute (digits, small_cnn)
+    python benchmarks/quality.py --budget-scale 2 --only ...  # 30 epochs a method -> quality_budget30.{json,md}
 
 Protocol (the default profile): CIFAR-10 (``../shared/data``, 45,000 train / 5,000 validation images, split seed 0)
 with ``resnet34_cifar`` and ``vgg16_cifar`` at width 0.25, PneumoniaMNIST (its train / val) with ``resnet34_cifar``
