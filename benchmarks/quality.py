@@ -162,7 +162,7 @@ def smoke_rows() -> list[Row]:
 
 def row_config(row: Row, epochs: int, base: Any, scale: int = 1) -> dict[str, Any]:
     """The run config of a row: the library's defaults, the protocol's budget, the row's overrides. ``scale``: a
-    budget of ``scale x EPOCHS`` (``--epochs``): the LC methods' L steps get ``scale`` epochs each, so LC and
+    budget of ``scale x EPOCHS`` (``--budget-scale``): the LC methods' L steps get ``scale`` epochs each, so LC and
     fine-tuning keep their shares of the budget."""
     from ltc import config as cfgmod
 
