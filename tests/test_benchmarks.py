@@ -40,19 +40,29 @@ def test_quality_protocol_is_the_issue_s() -> None:
     assert quality.EPOCHS == 15
 
 
+def _base(tmp_path: Path) -> ltc.runs.LoadedModel:
+    """A stand-in base run (small_cnn on digits) for building row configs."""
+    return ltc.runs.LoadedModel(models.create("small_cnn", num_classes=10, in_channels=1), path=tmp_path / "m.pt",
+                                run_dir=None, data={"source": "digits"}, result={}, meta={})
+
+
+def _settings(compress: dict) -> ltc.CompressConfig:
+    """A config's ``compress`` section as the library validates it (unset keys dropped)."""
+    fields = ltc.CompressConfig.__dataclass_fields__
+    return ltc.CompressConfig(**{k: v for k, v in compress.items() if k in fields and v is not None})
+
+
 def test_speed_pair_asks_one_row_for_a_measured_speed_up_and_the_other_for_an_sr(tmp_path: Path) -> None:
     """The latency-cost row's config is budget mode on measured latency (no MAC target beside it, which the settings
     would refuse); the MAC-cost row is the headline's LTC at its SR. Both are named by what they ask for."""
-    base = ltc.runs.LoadedModel(models.create("small_cnn", num_classes=10, in_channels=1), path=tmp_path / "m.pt",
-                                run_dir=None, data={"source": "digits"}, result={}, meta={})
+    base = _base(tmp_path)
     speed = [r for r in quality.protocol_rows() if r.group == "speed"]
     lat, mac = speed
     assert lat.id == f"cifar10/resnet34_cifar/ltc-latency/x{quality.SPEED_TARGET:g}/seed0"
     assert mac.id == f"cifar10/resnet34_cifar/ltc-macs/sr{quality.SPEED_MAC_SR:g}/seed0"
     c = quality.row_config(lat, 15, base)["compress"]
     assert (c["cost"], c["target_speedup"], c["target_sr"], c["epochs"]) == ("latency", quality.SPEED_TARGET, None, 15)
-    fields = ltc.CompressConfig.__dataclass_fields__
-    ltc.CompressConfig(**{k: v for k, v in c.items() if k in fields and v is not None})  # the settings accept it
+    _settings(c)  # the settings accept it
     m = quality.row_config(mac, 15, base)["compress"]
     assert (m["target_sr"], m.get("target_speedup")) == (quality.SPEED_MAC_SR, None) and m["cost"] in (None, "macs")
 
@@ -60,8 +70,7 @@ def test_speed_pair_asks_one_row_for_a_measured_speed_up_and_the_other_for_an_sr
 def test_rows_with_equal_settings_share_a_run_folder(tmp_path: Path) -> None:
     """A main row whose resolved settings equal an ablation row's reuses its run (the folder hashes the settings),
     and any difference in a setting gives another folder."""
-    base = ltc.runs.LoadedModel(models.create("small_cnn", num_classes=10, in_channels=1), path=tmp_path / "m.pt",
-                                run_dir=None, data={"source": "digits"}, result={}, meta={})
+    base = _base(tmp_path)
     a = quality.Row("digits", "small_cnn", "ltc", 2.0, 0, "ablation", "x", {"kd_weight": 0.0})
     b = quality.Row("digits", "small_cnn", "ltc", 2.0, 0)
     c = quality.Row("digits", "small_cnn", "ltc", 2.0, 0, "ablation", "y", {"kd_weight": 0.5})
@@ -74,16 +83,14 @@ def test_rows_with_equal_settings_share_a_run_folder(tmp_path: Path) -> None:
 def test_a_scaled_budget_keeps_the_lc_share_and_plans_as_stated(tmp_path: Path) -> None:
     """--budget-scale K: every method gets K x 15 epochs; the LC methods' L steps K epochs each (a fifth of an epoch
     stays a fraction), so the epoch plan splits K x (LC, fine-tuning) of the 15-epoch protocol; others untouched."""
-    base = ltc.runs.LoadedModel(models.create("small_cnn", num_classes=10, in_channels=1), path=tmp_path / "m.pt",
-                                run_dir=None, data={"source": "digits"}, result={}, meta={})
+    base = _base(tmp_path)
     ltc_row = quality.Row("cifar10", "resnet34_cifar", "ltc", 10.0, 0)
     short = quality.Row("cifar10", "resnet34_cifar", "ltc", 10.0, 0, "ablation", "s", {"epochs_per_step": 0.2})
     one = quality.Row("cifar10", "resnet34_cifar", "oneshot", 10.0, 0)
 
     def plan(row, scale):
         c = quality.row_config(row, 15 * scale, base, scale)["compress"]
-        fields = ltc.CompressConfig.__dataclass_fields__
-        return c, ltc.CompressConfig(**{k: v for k, v in c.items() if k in fields and v is not None}).plan()
+        return c, _settings(c).plan()
 
     for scale in (1, 2, 3):
         c, p = plan(ltc_row, scale)

@@ -856,9 +856,7 @@ def meet_speedup(comp: Any, base: nn.Module, example_input: Tensor, target: floa
         if confirm and abs(lat["speedup"] / target - 1) <= SPEEDUP_TOLERANCE:  # within reach: time it again
             again = timed(small)
             timings.append(again["speedup"])
-            lat = {"speedup": math.sqrt(timings[0] * timings[1]),
-                   "base_ms": math.sqrt(lat["base_ms"] * again["base_ms"]),
-                   "compressed_ms": math.sqrt(lat["compressed_ms"] * again["compressed_ms"])}
+            lat = {k: math.sqrt(lat[k] * again[k]) for k in ("speedup", "base_ms", "compressed_ms")}
         p, s = comp.predicted_speedup, lat["speedup"]
         attempts.append({"engine_target": comp.target, "predicted": p, "measured": s, "timings": timings,
                          "base_ms": lat["base_ms"], "compressed_ms": lat["compressed_ms"], "sr": comp.sr,
