@@ -149,7 +149,7 @@ def run_case(name: str, runtime: str, batch: int, threads: int, targets: tuple[f
                                    layers=select_layers(model)[0], cache_dir=cache, progress=False,
                                    memory_format=layout)
     case: dict[str, Any] = {"model": name, "what": what, "runtime": runtime, "memory_format": layout,
-                            "batch": batch, "threads": threads,
+                            "batch": batch, "threads": threads, "repeats": repeats,
                             "table": {"build_seconds": table.info.get("build_seconds"),
                                       "measured_ops": table.info.get("measured"), "model_ms": table.model_ms},
                             "rows": []}
@@ -197,6 +197,14 @@ def _f(v: Any, fmt: str = ".2f") -> str:
     return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
 
 
+def _repeats_note(doc: dict[str, Any]) -> str:
+    """Which runs per timing the loop and the MAC-cost rows took, by runtime (cases from before it was recorded
+    used the benchmark's ``--repeats`` of their command)."""
+    seen = sorted({(c["runtime"], c["repeats"]) for c in doc["cases"] if "repeats" in c})
+    return (" Runs per timing in the loop and the MAC-cost rows: " + ", ".join(f"{r} {n}" for r, n in seen) + "."
+            if seen else "")
+
+
 def markdown(doc: dict[str, Any]) -> str:
     p = doc["protocol"]
     lines = ["# Real speed: the measured-latency cost against MAC cost", "",
@@ -212,7 +220,7 @@ def markdown(doc: dict[str, Any]) -> str:
              "when the first was within 10 % and the loop confirms (library versions after 2026-12-06); "
              "'re-timed': that network timed again, "
              f"independently, {p.get('retime_repeats', 50)} runs); 'MAC cost': LTC with MAC cost (ranks "
-             "multiples of 8), its target SR bisected to the same measured speed-up.", "",
+             "multiples of 8), its target SR bisected to the same measured speed-up." + _repeats_note(doc), "",
              "| model | runtime | batch | table: ops / s | target | predicted | measured | re-timed | corr. "
              "| SR (latency cost) | dense layers | SR MAC cost needs (measured) |",
              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -253,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="batch sizes (default 1; 32 is measured for resnet34_cifar with --cifar-batch)")
     ap.add_argument("--cifar-batch", type=int, default=32, help="also time resnet34_cifar at this batch (0: no)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="interleaved runs per timing in the loop and the MAC-cost rows (default: the library's per "
+                         "runtime, ltc.latency.default_repeats: 20 eager, 100 ONNX Runtime)")
     ap.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
     ap.add_argument("--retime-repeats", type=int, default=50,
                     help="runs of the independent re-timing of each kept latency-cost network (default 50)")
@@ -265,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import torch
+
+    from ltc.latency import default_repeats
 
     torch.set_num_threads(args.threads)
     if args.smoke:
@@ -298,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for name, runtime, batch in jobs:
         try:
-            case = run_case(name, runtime, batch, args.threads, tuple(args.targets), args.repeats, print,
+            repeats = args.repeats or default_repeats(RUNTIMES[runtime][0])
+            case = run_case(name, runtime, batch, args.threads, tuple(args.targets), repeats, print,
                             retime_repeats=args.retime_repeats)
         except Exception as exc:  # one failing case must not cost the others
             traceback.print_exc()

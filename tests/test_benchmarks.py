@@ -155,6 +155,29 @@ def test_latency_markdown_reports_refusals_and_failures() -> None:
                      {"model": "n", "runtime": "onnxruntime", "batch": 1, "error": "RuntimeError: boom"}]}
     md = latency.markdown(doc)
     assert "refused: target speed-up 5 is out of reach" in md and "failed: RuntimeError: boom" in md
+    assert "Runs per timing" not in md  # cases from before the runs were recorded claim nothing
+
+
+def test_latency_benchmark_times_each_runtime_with_the_library_default_runs(tmp_path, monkeypatch) -> None:
+    """Without --repeats each case takes the library's runs per timing for its runtime (eager-nhwc is eager), as
+    meet_speedup does; --repeats overrides every runtime; the markdown states what each case took."""
+    asked: list[tuple[str, int]] = []
+
+    def fake(name, runtime, batch, threads, targets, repeats, say, retime_repeats=50):
+        asked.append((runtime, repeats))
+        return {"model": name, "runtime": runtime, "batch": batch, "repeats": repeats, "rows": [],
+                "table": {"measured_ops": 0, "build_seconds": 0.0, "model_ms": 1.0}}
+
+    monkeypatch.setattr(latency, "run_case", fake)
+    argv = ["--models", "small_cnn", "--runtimes", "eager", "eager-nhwc", "onnxruntime", "--cifar-batch", "0",
+            "--out", str(tmp_path)]
+    assert latency.main(argv) == 0
+    assert asked == [("eager", 20), ("eager-nhwc", 20), ("onnxruntime", 100)]
+    md = (tmp_path / "latency.md").read_text()
+    assert "Runs per timing in the loop and the MAC-cost rows: eager 20, eager-nhwc 20, onnxruntime 100." in md
+    asked.clear()
+    assert latency.main([*argv, "--repeats", "7", "--name", "again"]) == 0
+    assert asked == [("eager", 7), ("eager-nhwc", 7), ("onnxruntime", 7)]
 
 
 def test_quality_summary_keeps_every_command_and_the_metric_distance() -> None:

@@ -348,3 +348,8 @@ def test_timings_take_more_runs_under_onnx_runtime(table, monkeypatch, runtime: 
     fake.engine = eng
     out = ltc.api.meet_speedup(eng, Net(), X, 1.5, runtime=runtime, **({} if asked is None else {"repeats": asked}))
     assert seen and set(seen) == {(runtime, used)} and out["runtime"] == runtime
+
+
+def test_an_unknown_runtime_has_no_default_number_of_runs() -> None:
+    with pytest.raises(ValueError, match="runtime must be one of 'eager', 'onnxruntime', got 'tvm'"):
+        ltc.latency.default_repeats("tvm")

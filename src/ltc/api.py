@@ -815,13 +815,14 @@ def meet_speedup(comp: Any, base: nn.Module, example_input: Tensor, target: floa
     (``predicted``: the table's uncalibrated prediction; ``stopped``: why corrections ended before the target was
     met, else ``None``; ``table_refused``: the table alone put ``target`` out of reach; ``table_best``: the table's
     fastest predicted speed-up once the loop needed it, else ``None``). ``repeats``: interleaved runs per timing;
-    default 20 in eager PyTorch, 100 under ONNX Runtime (whose timings are noisier; ``benchmarks/latency.py``)."""
+    default :func:`ltc.latency.default_repeats` (20 in eager PyTorch, 100 under ONNX Runtime, whose timings are
+    noisier)."""
     from .engine import UnreachableTarget
-    from .latency import compare_latency
+    from .latency import compare_latency, default_repeats
     from .latency_table import savings_scale, table_target
 
     target = float(target)
-    repeats = (100 if runtime == "onnxruntime" else 20) if repeats is None else int(repeats)
+    repeats = default_repeats(runtime) if repeats is None else int(repeats)
     x = example_input[:1].expand(batch, *example_input.shape[1:]).contiguous().cpu()
     ref = copy.deepcopy(unwrap(base)).cpu().eval()
     table_best: float | None = None

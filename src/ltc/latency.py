@@ -22,7 +22,18 @@ from .settings import MEMORY_FORMATS
 from .utils import resolve_device
 
 __all__ = ["LatencyStats", "measure_latency", "compare_latency", "interleaved_latency", "onnx_session",
-           "MEMORY_FORMATS", "to_memory_format", "memory_format_of"]
+           "MEMORY_FORMATS", "to_memory_format", "memory_format_of", "default_repeats"]
+
+REPEATS = {"eager": 20, "onnxruntime": 100}
+"""Interleaved runs per speed-up timing, by runtime: ONNX Runtime's timings on a shared 2-core machine move more
+between runs (30-run speed-ups of one network 3.03-3.78x, 100-run ones 3.50-3.56x; ``benchmarks/latency.py``)."""
+
+
+def default_repeats(runtime: str) -> int:
+    """The number of interleaved runs a speed-up timing under ``runtime`` takes by default (:data:`REPEATS`)."""
+    if runtime not in REPEATS:
+        raise ValueError(f"runtime must be one of {', '.join(map(repr, REPEATS))}, got {runtime!r}")
+    return REPEATS[runtime]
 
 
 @dataclass(frozen=True)
