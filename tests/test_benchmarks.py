@@ -103,6 +103,21 @@ def test_a_scaled_budget_keeps_the_lc_share_and_plans_as_stated(tmp_path: Path) 
         quality.main(["--budget-scale", "0", "--list"])
 
 
+@pytest.mark.parametrize("epochs, per_step, steps", [(2, None, 5), (4, None, 15), (2, 1, 1), (4, 1, 3), (15, 0.5, 25)])
+def test_a_short_budget_takes_as_many_default_steps_as_leave_an_epoch_to_finetune(tmp_path: Path, epochs: int,
+                                                                                per_step, steps: int) -> None:
+    """Without steps in its overrides a row takes the library's default steps, cut to what fits in the budget less
+    one fine-tuning epoch at the row's epochs_per_step (the default fifth of an epoch, or the override)."""
+    assert ltc.CompressConfig.__dataclass_fields__["steps"].default >= 25  # else the cases below do not cut
+    over = {} if per_step is None else {"epochs_per_step": per_step}
+    row = quality.Row("cifar10", "resnet34_cifar", "ltc", 10.0, 0, "ablation", "r", over)
+    c = quality.row_config(row, epochs, _base(tmp_path))["compress"]
+    if per_step is None:
+        assert ltc.CompressConfig.__dataclass_fields__["epochs_per_step"].default == 0.2
+    p = _settings(c).plan()
+    assert c["steps"] == steps and p.finetune >= 1 and ltc.api.whole(p.lc_epochs) + p.finetune == epochs
+
+
 @pytest.mark.slow
 def test_quality_smoke_writes_the_summary_schema_and_resumes(tmp_path: Path, capsys) -> None:
     """One smoke row end to end: the summary has the issue's fixed schema, accuracies are fractions, the model file
@@ -123,6 +138,11 @@ def test_quality_smoke_writes_the_summary_schema_and_resumes(tmp_path: Path, cap
     capsys.readouterr()
     assert quality.main(argv) == 0
     assert "=== digits/small_cnn/oneshot" not in capsys.readouterr().out  # finished rows are skipped
+    assert json.loads((tmp_path / "quality_smoke.json").read_text())["runs"] == doc["runs"]
+    # --redo visits the finished row again; its run folder (same settings) is complete, so nothing is retrained
+    assert quality.main([*argv, "--redo", "/oneshot/"]) == 0
+    out = capsys.readouterr().out
+    assert "=== digits/small_cnn/oneshot" in out and "is already complete; skipping" in out
     assert json.loads((tmp_path / "quality_smoke.json").read_text())["runs"] == doc["runs"]
     # --remeasure: the saved model timed against its base again, the markdown says so
     assert quality.main([*argv, "--remeasure"]) == 0

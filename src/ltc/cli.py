@@ -54,6 +54,13 @@ UNITS_EPILOG = (
 _DIGITS = pipelines.DIGITS
 
 
+
+def _default(name: str) -> Any:
+    """``ltc.CompressConfig``'s default for field ``name`` (help texts quote it rather than repeat it)."""
+    from .api import CompressConfig
+
+    return CompressConfig.__dataclass_fields__[name].default
+
 def _say(*msg: Any) -> None:
     if is_main_process():
         print(*msg, flush=True)
@@ -170,9 +177,10 @@ def _compress_opts(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     f("--exclude", key="compress.exclude", action="extend", nargs="+", metavar="GLOB", help="leave these dense")
     f("--epochs", key="compress.epochs", type=int,
       help="the whole epoch budget: LC steps then fine-tuning for ltc/lrc, fine-tuning for the others")
-    f("--steps", key="compress.steps", type=int, help="LC steps (C steps) (default 5)")
+    f("--steps", key="compress.steps", type=int, help=f"LC steps (C steps) (default {_default('steps')})")
     f("--epochs-per-step", key="compress.epochs_per_step", type=float,
-      help="epochs of each L step (default 1); a fraction below 1 trains each L step on that share of one epoch")
+      help=f"epochs of each L step (default {_default('epochs_per_step'):g}); a fraction below 1 trains each L step "
+           "on that share of one epoch")
     f("--target-schedule", key="compress.target_schedule", choices=TARGET_SCHEDULES,
       help="with --target-sr and L steps: every C step aims at the target (fixed, default) or the target is reached "
            "a step at a time (gradual: SR ** ((j + 1) / steps) at C step j)")
