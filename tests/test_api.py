@@ -201,23 +201,30 @@ def test_compress_config_object_and_overrides(monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------- epoch budget
+DEFAULT_EPS = CompressConfig.__dataclass_fields__["epochs_per_step"].default  # the default L step, in epochs
+
+
 @pytest.mark.parametrize(
     "kw, plan",
     [
-        ({"method": "oneshot", "target_sr": 2, "epochs": 10}, EpochPlan(0, 1, 10)),
-        ({"method": "uniform", "steps": 4, "epochs": 7}, EpochPlan(0, 1, 7)),  # steps mean nothing to it
-        ({"method": "ltc", "target_sr": 2, "steps": 4, "epochs": 10}, EpochPlan(4, 1, 6)),
+        ({"method": "oneshot", "target_sr": 2, "epochs": 10}, EpochPlan(0, DEFAULT_EPS, 10)),
+        ({"method": "uniform", "steps": 4, "epochs": 7}, EpochPlan(0, DEFAULT_EPS, 7)),  # steps mean nothing to it
+        ({"method": "ltc", "target_sr": 2, "steps": 4, "epochs_per_step": 1, "epochs": 10}, EpochPlan(4, 1, 6)),
         ({"method": "lrc", "target_sr": 2, "steps": 3, "epochs_per_step": 2, "epochs": 6}, EpochPlan(3, 2, 0)),
-        ({"method": "ltc", "target_sr": 2, "steps": 4, "epochs": 10, "finetune_epochs": 6}, EpochPlan(4, 1, 6)),
-        ({"method": "ltc", "target_sr": 2, "steps": 4, "finetune_epochs": 2}, EpochPlan(4, 1, 2)),
-        ({"method": "vbmf"}, EpochPlan(0, 1, 5)),  # neither given: 5 fine-tuning epochs
+        ({"method": "ltc", "target_sr": 2, "steps": 4, "epochs_per_step": 1, "epochs": 10, "finetune_epochs": 6},
+         EpochPlan(4, 1, 6)),
+        ({"method": "ltc", "target_sr": 2, "steps": 4, "epochs_per_step": 1, "finetune_epochs": 2},
+         EpochPlan(4, 1, 2)),
+        ({"method": "ltc", "target_sr": 2, "epochs": 15}, EpochPlan(25, 0.2, 10)),  # the defaults: 25 x 0.2 + 10
+        ({"method": "ltc", "target_sr": 2, "steps": 4, "epochs": 10}, EpochPlan(4, 0.2, 9)),  # 0.8 epoch counts 1
+        ({"method": "vbmf"}, EpochPlan(0, DEFAULT_EPS, 5)),  # neither given: 5 fine-tuning epochs
     ],
 )
 def test_the_epoch_budget_is_explicit(kw, plan):
     got = CompressConfig(**kw).plan()
     assert got == plan
-    if "epochs" in kw:
-        assert got.total == kw["epochs"]
+    if "epochs" in kw:  # the budget counts a fraction of an epoch of L steps as a whole one
+        assert ltc.api.whole(got.lc_epochs) + got.finetune == kw["epochs"]
 
 
 def test_inconsistent_epoch_budgets_are_refused():
@@ -249,7 +256,7 @@ def test_lam_for_an_assignment_method_is_refused_with_the_clis_message(method, t
     [
         ("uniform", {"epochs": 3}),
         ("oneshot", {"target_sr": 2.0, "epochs": 2}),
-        ("ltc", {"target_sr": 2.0, "steps": 2, "epochs": 3, "skip_converged": False}),
+        ("ltc", {"target_sr": 2.0, "steps": 2, "epochs_per_step": 1, "epochs": 3, "skip_converged": False}),
     ],
 )
 def test_compress_spends_exactly_the_planned_epochs(method, kw, monkeypatch):
@@ -267,7 +274,8 @@ def test_converged_lc_steps_hand_their_epochs_to_fine_tuning(monkeypatch):
     train, _ = loaders()
     calls = counting(monkeypatch)
     # tol huge: converged as soon as a C step changes no rank
-    res = compress(base_model(), train, method="ltc", target_sr=2.0, steps=4, epochs=5, tol=1e9, progress=False)
+    res = compress(base_model(), train, method="ltc", target_sr=2.0, steps=4, epochs_per_step=1, epochs=5, tol=1e9,
+                   progress=False)
     assert res.plan["lc_epochs"] < 4  # stopped early
     assert res.plan["finetune"] == 5 - res.plan["lc_epochs"] and res.plan["total"] == 5
     assert len(res.log) == calls[0] == 5
@@ -545,7 +553,7 @@ def test_default_kd_weight_distils_from_the_frozen_base_in_eval_mode(trained_bas
 
     monkeypatch.setattr(ltc.api, "_teacher", spy_teacher)
     monkeypatch.setattr(ltc.train, "distillation_loss", spy_kd)
-    res = compress(base, train, config=cfg, steps=1, epochs=2, metric="weight", progress=False)
+    res = compress(base, train, config=cfg, steps=1, epochs_per_step=1, epochs=2, metric="weight", progress=False)
     assert res.plan["total"] == 2 and res.config["kd_weight"] == 0.5
 
     assert len(teachers) == 1 and teachers[0] is not base

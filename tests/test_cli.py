@@ -206,8 +206,8 @@ def runs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny base run and an LTC compression of it, on the bundled digits (a few seconds on a CPU)."""
     d = tmp_path_factory.mktemp("runs")
     assert main(["train", *BASE_ARGS, "--out", str(d / "base")]) == 0
-    comp = ["compress", "--base", str(d / "base"), "--target-sr", "2", "--steps", "2", "--finetune-epochs", "1",
-            "--batch-size", "64", "--out", str(d / "ltc"), *QUIET]
+    comp = ["compress", "--base", str(d / "base"), "--target-sr", "2", "--steps", "2", "--epochs-per-step", "1",
+            "--finetune-epochs", "1", "--batch-size", "64", "--out", str(d / "ltc"), *QUIET]
     assert main(comp) == 0
     return d
 

@@ -48,9 +48,9 @@ def test_two_process_runs_shard_the_data_agree_and_only_rank0_writes(tmp_path: P
     common = ["--batch-size", "64", "--device", "cpu", "--threads", "1", "--no-progress"]
     train = ["train", "--model", "small_cnn", "--width", "0.25", "--data", "digits", "--epochs", "1", *common,
              "--out", str(out / "train")]
-    comp = ["compress", "--base", str(base), "--target-sr", "2", "--steps", "2", "--finetune-epochs", "1", *common,
-            "--no-plots", "--set", "run.latency_repeats=1", "--set", "run.latency_threads=1", "--out",
-            str(out / "cli")]
+    comp = ["compress", "--base", str(base), "--target-sr", "2", "--steps", "2", "--epochs-per-step", "1",
+            "--finetune-epochs", "1", *common, "--no-plots", "--set", "run.latency_repeats=1", "--set",
+            "run.latency_threads=1", "--out", str(out / "cli")]
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             str(WORKER), "ddp", str(out), str(tmp_path / "result"), *train, "::", *comp]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
