@@ -78,8 +78,8 @@ ABLATION: list[tuple[str, str, dict[str, Any]]] = [
     # the same 5 LC epochs cut into 25 L steps of a fifth of an epoch: Θ (re-chosen at each C step) follows W 5x as
     # often, so that the last, pinned L steps can still learn (the default since 2026-12-07)
     ("ltc+schedule/25x0.2+data+floor+kd", "ltc", DEFAULTS),
-    # twice as many C steps again, the LC epochs unchanged: W ends closer to Θ (0.020 in the metric on seed 0 against
-    # 0.028-0.031), accuracy the same on seed 0
+    # twice as many C steps again, the LC epochs unchanged: W ends closer to Θ (0.020 in the metric on seeds 0-1
+    # against 0.028-0.031), accuracy the same on those seeds
     ("ltc+schedule/50x0.1+data+floor+kd", "ltc", {**CURRENT, "steps": 50, "epochs_per_step": 0.1}),
     # steps / lc_weight_decay do nothing for one-shot; pinned to the values this row ran with (its run folder's hash)
     ("oneshot-weight", "oneshot", {"metric": "weight", "min_rank": 1, "kd_weight": 0.0, "steps": 10,
