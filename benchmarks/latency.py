@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for name, runtime, batch in jobs:
         try:
-            repeats = args.repeats or default_repeats(RUNTIMES[runtime][0])
+            repeats = default_repeats(RUNTIMES[runtime][0]) if args.repeats is None else args.repeats
             case = run_case(name, runtime, batch, args.threads, tuple(args.targets), repeats, print,
                             retime_repeats=args.retime_repeats)
         except Exception as exc:  # one failing case must not cost the others

@@ -54,12 +54,12 @@ UNITS_EPILOG = (
 _DIGITS = pipelines.DIGITS
 
 
-
 def _default(name: str) -> Any:
     """``ltc.CompressConfig``'s default for field ``name`` (help texts quote it rather than repeat it)."""
     from .api import CompressConfig
 
     return CompressConfig.__dataclass_fields__[name].default
+
 
 def _say(*msg: Any) -> None:
     if is_main_process():
