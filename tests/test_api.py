@@ -379,7 +379,8 @@ RESUME_KW = dict(steps=2, epochs_per_step=1, finetune_epochs=2, skip_converged=F
 def uninterrupted(tmp_path_factory):
     """Uninterrupted reference runs (with a checkpoint dir too, as a resumed run has one)."""
     out = {}
-    for method, kw in (("ltc", {"target_sr": 2.0}), ("uniform", {}), ("ltc", GRADUAL), ("ltc", FRACTION)):
+    for method, kw in (("ltc", {"target_sr": 2.0}), ("uniform", {}), ("ltc", GRADUAL), ("ltc", FRACTION),
+                       ("ltc", COSINE)):
         train, val = loaders()
         out[run_key(method, kw)] = compress(base_model(), train, val_loader=val, method=method,
                                             checkpoint_dir=tmp_path_factory.mktemp("ref"), **{**RESUME_KW, **kw})
@@ -388,6 +389,7 @@ def uninterrupted(tmp_path_factory):
 
 GRADUAL = {"target_sr": 2.0, "target_schedule": "gradual"}
 FRACTION = {"target_sr": 2.0, "epochs_per_step": 0.5, "finetune_epochs": 1}
+COSINE = {"target_sr": 2.0, "steps": 3, "finetune_epochs": 1, "lr_schedule": "cosine"}  # the penalty follows the lr
 
 
 def run_key(method: str, kw: dict) -> str:
@@ -402,6 +404,7 @@ def run_key(method: str, kw: dict) -> str:
         ("uniform", {}, 1, "finetune", 1),  # a one-shot method, in its 2nd fine-tuning epoch
         ("ltc", GRADUAL, 1, "lc", 1),  # between two stages of the budget
         ("ltc", FRACTION, 1, "lc", 1),  # between two L steps of half an epoch
+        ("ltc", COSINE, 1, "lc", 1),  # the penalty's lr scale travels in the checkpoint
     ],
 )
 def test_resume_inside_a_phase_is_bit_identical(uninterrupted, tmp_path, monkeypatch, method, kw, fail_after,
@@ -429,6 +432,14 @@ def test_resume_inside_a_phase_is_bit_identical(uninterrupted, tmp_path, monkeyp
         {k: v for k, v in h.items() if k != "seconds"} for h in ref.history]
     assert (res.acc, res.acc_before_finetune, res.base_acc) == (ref.acc, ref.acc_before_finetune, ref.base_acc)
     assert (res.compressed.macs, res.compressed.params) == (ref.compressed.macs, ref.compressed.params)
+
+
+def test_a_cosine_lr_schedule_scales_each_l_steps_penalty(uninterrupted):
+    """With ``lr_schedule='cosine'`` over 3 L steps the passes run at 1, 0.75 and 0.25 of ``lr``; each C step
+    records the scale its L step's penalty ran at (``ρ_k / lr_scale``), the first C step (before training) 1."""
+    ref = uninterrupted[run_key("ltc", COSINE)]
+    assert [h["lr_scale"] for h in ref.history] == pytest.approx([1.0, 1.0, 0.75, 0.25])
+    assert [row["lr"] for row in ref.log if row["phase"] == "lc"] == pytest.approx([0.01, 0.0075, 0.0025])
 
 
 def test_resume_without_a_checkpoint_starts_afresh_and_without_a_dir_is_refused(tmp_path, monkeypatch, caplog):

@@ -1608,6 +1608,35 @@ def test_mu_cap_saturates_the_layers_it_reaches_and_lets_the_others_grow():
     assert all(rhos[-1][n] == pytest.approx(8 * rhos[0][n]) and rhos[-1][n] < cap for n in others)  # growing
 
 
+def test_a_penalty_scaled_to_the_learning_rate_pulls_as_hard_per_iteration():
+    """SGD on the penalty alone: at a tenth of the learning rate with ``lr_scale=0.1`` every iterate equals the
+    full-rate run's (``lr·ρ_k`` is what one iteration pulls by), while the same small rate without the scale is left
+    further from Θ."""
+
+    def pull(lr: float, scale: float | None) -> list[float]:
+        model = _net(0, scale=0.3)
+        comp = ltc.LTC(model, X_NET, target_sr=2.0, mu0=2.0, compress_linear=True)
+        comp.start()
+        if scale is not None:
+            comp.set_lr_scale(scale)
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        out = []
+        for _ in range(6):
+            opt.zero_grad()
+            comp.penalty().backward()
+            opt.step()
+            out.append(comp.distance())
+        return out
+
+    full, scaled, plain = pull(0.05, None), pull(0.005, 0.1), pull(0.005, None)
+    assert scaled == pytest.approx(full, rel=1e-5)
+    assert full[-1] < 0.5 * full[0]  # the pull is real
+    assert plain[-1] > 2 * full[-1]
+    comp = ltc.LTC(_net(0), X_NET, lam=0.05)
+    with pytest.raises(ValueError, match="scale must be a finite number > 0"):
+        comp.set_lr_scale(0.0)
+
+
 # --------------------------------------------------------------------------------------------- 14. state, v3
 def test_state_dict_round_trip_with_the_data_metric_resumes_bit_identically():
     calib = _calibration(3, n=6, seed=11)

@@ -34,8 +34,17 @@ from .batchnorm import recalibrate_batchnorm
 from .cost import Profile, format_count, profile
 from .engine import EngineSettings
 from .latency import check_memory_format, to_memory_format
+from .latency_table import RUNTIMES
 from .methods import get_method
-from .settings import MEMORY_FORMATS, OPTIMIZERS, TARGET_SCHEDULES, check_choice, check_int, check_number
+from .settings import (
+    LC_LR_SCHEDULES,
+    MEMORY_FORMATS,
+    OPTIMIZERS,
+    TARGET_SCHEDULES,
+    check_choice,
+    check_int,
+    check_number,
+)
 from .surgery import unwrap
 from .train import evaluate, fit, make_optimizer, make_scheduler, read_checkpoint
 from .utils import is_main_process, resolve_device, seed_everything
@@ -144,7 +153,10 @@ class CompressConfig:
     L steps use learning rate ``lr`` (``lr_schedule``: ``'cosine'`` over all LC epochs, or ``'restart'``: decayed
     by ``lr_decay`` per epoch and restarted each L step, as in the LC paper's scripts) and weight decay
     ``weight_decay`` on all weights except the compressed layers', which get ``lc_weight_decay`` (their regulariser
-    is the penalty). ``skip_converged``: stop the LC steps once ``‖W − Θ‖/‖W‖ < tol`` and ranks are stable (the
+    is the penalty). Each pass's penalty weights are divided by its learning rate's fraction of ``lr``
+    (:meth:`ltc.engine.LCEngine.set_lr_scale`): an annealed schedule then pulls ``W`` toward ``Θ`` as hard per
+    iteration as the μ path says, and the gradient noise that keeps ``W`` off ``Θ`` falls with the learning rate.
+    ``skip_converged``: stop the LC steps once ``‖W − Θ‖/‖W‖ < tol`` and ranks are stable (the
     epochs left go to fine-tuning). ``target_schedule`` (budget mode with ``target_sr``): ``'fixed'`` (the SPEC:
     every C step aims at the target) or ``'gradual'``: C step ``j`` (0 = the first, before any L step) aims at
     ``target_sr ** min(1, (j + 1) / steps)``, so the network is compressed a little more at every step and the last L
@@ -193,7 +205,7 @@ class CompressConfig:
     target_schedule: str = "fixed"
     optimizer: str = "sgd"
     lr: float = 0.01
-    lr_schedule: str = "restart"
+    lr_schedule: str = "cosine"
     lr_decay: float = 0.99
     momentum: float = 0.9
     nesterov: bool = True
@@ -231,7 +243,7 @@ class CompressConfig:
         if (self.cost == "latency" or self.target_speedup is not None) and method.lam != "required":
             raise ValueError(f"method {self.method!r} has no latency cost; the measured-latency cost and "
                              "target_speedup work with ltc, lrc and oneshot")
-        check_choice("latency_runtime", self.latency_runtime, ("eager", "onnxruntime"))
+        check_choice("latency_runtime", self.latency_runtime, RUNTIMES)
         check_int("latency_threads", self.latency_threads, ge=1, optional=True)
         check_int("latency_batch", self.latency_batch, ge=1)
         check_choice("latency_memory_format", self.latency_memory_format, MEMORY_FORMATS)
@@ -256,7 +268,7 @@ class CompressConfig:
         check_number("mu_final", self.mu_final, gt=0, optional=True)
         check_number("pull", self.pull, gt=0, optional=True)
         check_choice("mu_cap", self.mu_cap, ("layer", "global", "none"))
-        check_choice("lr_schedule", self.lr_schedule, ("restart", "cosine"))
+        check_choice("lr_schedule", self.lr_schedule, LC_LR_SCHEDULES)
         check_choice("target_schedule", self.target_schedule, TARGET_SCHEDULES)
         if self.target_schedule == "gradual":
             if self.target_sr is None:
@@ -610,10 +622,11 @@ def compress(
     lc_done = 0
     if plan.lc_steps and stage != "finetune":
         lc_loader = train_loader if plan.fraction is None else FirstBatches(train_loader, plan.fraction)
+        lc_opt = _lc_optimizer(work, comp, cfg)
         lc_hist = fit(work, lc_loader, val_loader, epochs=plan.lc_fit_epochs, stage="lc", resume=ckpt is not None,
                       extra_loss=comp.penalty, extra_state=(extra(), restore),
-                      on_epoch_end=_c_step_hook(comp, cfg, plan), describe=_lc_label(plan),
-                      log=log, optimizer=_lc_optimizer(work, comp, cfg), scheduler=None, **common,
+                      on_epoch_end=_c_step_hook(comp, cfg, plan, lc_opt), describe=_lc_label(plan),
+                      log=log, optimizer=lc_opt, scheduler=None, **common,
                       **_lc_scheduler_kw(cfg, plan))
         lc_done = len(lc_hist)
     elif stage == "finetune":
@@ -678,10 +691,18 @@ class _MemoryLog:
         del self.rows[n:]
 
 
-def _c_step_hook(comp: Any, cfg: CompressConfig, plan: EpochPlan) -> Any:
-    """The end-of-epoch hook of the LC phase: a C step after every ``epochs_per_step`` epochs."""
+def _c_step_hook(comp: Any, cfg: CompressConfig, plan: EpochPlan, optimizer: torch.optim.Optimizer) -> Any:
+    """The end-of-epoch hook of the LC phase: a C step after every ``epochs_per_step`` epochs, then the penalty
+    scaled to the learning rate of the next pass (the scheduler has stepped already; ``LCEngine.set_lr_scale``)."""
 
     def hook(epoch: int, row: dict[str, Any]) -> dict[str, Any] | None:
+        out = _c_step(epoch, row)
+        lr = optimizer.param_groups[0]["lr"]
+        if epoch < plan.lc_fit_epochs and lr > 0:  # after the last pass a cosine schedule has reached 0
+            comp.set_lr_scale(lr / cfg.lr)
+        return out
+
+    def _c_step(epoch: int, row: dict[str, Any]) -> dict[str, Any] | None:
         out: dict[str, Any] = {"phase": "lc", "mu": comp.mu}
         if epoch % plan.step_fit_epochs:
             return out

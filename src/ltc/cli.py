@@ -29,7 +29,16 @@ from . import config as cfgmod
 from . import pipelines, runs
 from .cost import format_count, profile
 from .methods import list_methods
-from .settings import COSTS, MEMORY_FORMATS, METRICS, OPTIMIZERS, SCHEDULES, TARGET_SCHEDULES, WEIGHTINGS
+from .settings import (
+    COSTS,
+    LC_LR_SCHEDULES,
+    MEMORY_FORMATS,
+    METRICS,
+    OPTIMIZERS,
+    SCHEDULES,
+    TARGET_SCHEDULES,
+    WEIGHTINGS,
+)
 from .utils import is_main_process
 
 __all__ = ["main", "build_parser", "SLIDES_FLOPS"]
@@ -186,7 +195,10 @@ def _compress_opts(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
            "a step at a time (gradual: SR ** ((j + 1) / steps) at C step j)")
     f("--finetune-epochs", key="compress.finetune_epochs", type=int,
       help="fine-tuning epochs, ranks fixed (default: what --epochs leaves, else 5)")
-    f("--lr", key="compress.lr", type=float, help="L-step learning rate, restarted each step (default 0.01)")
+    f("--lr", key="compress.lr", type=float, help=f"first L step's learning rate (default {_default('lr')})")
+    f("--lr-schedule", key="compress.lr_schedule", choices=LC_LR_SCHEDULES,
+      help=f"how the L-step learning rate moves: annealed over the LC epochs, each L step's penalty scaled with it "
+           f"(cosine), or restarted each L step (restart, the LC paper's scripts) (default {_default('lr_schedule')})")
     f("--finetune-lr", key="compress.finetune_lr", type=float, help="fine-tuning learning rate (default 0.01)")
     f("--mu0", key="compress.mu0", type=float, help="first penalty weight μ0 (default 1e-3)")
     f("--mu-growth", key="compress.mu_growth", type=float,

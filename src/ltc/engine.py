@@ -271,6 +271,7 @@ class LCEngine:
         self.target = float(cfg.target_sr) if cfg.target_sr is not None else None
         self.mu = cfg.mu0
         self.mu0, self.mu_growth, self.mu_cap = cfg.mu0, cfg.mu_growth, cfg.mu_cap
+        self.lr_scale = 1.0
         self.min_rank, self.rank_multiple = int(cfg.min_rank), int(cfg.rank_multiple)
         self.n_iter, self.tol = int(cfg.n_iter), float(cfg.tol)
         self.conv_scheme, self.weighting, self.metric = cfg.conv_scheme, cfg.weighting, cfg.metric
@@ -464,12 +465,21 @@ class LCEngine:
         return min(scales), max(scales)
 
     def rho(self, s: LayerState) -> float:
-        """Layer ``s``'s penalty weight ``ρ_k = min(μ·w_k, mu_cap / c_k)``, ``c_k`` the metric's curvature (the
-        largest eigenvalue of the normalised input moment; 1 in weight space)."""
+        """Layer ``s``'s penalty weight ``ρ_k = min(μ·w_k, mu_cap / c_k) / lr_scale``, ``c_k`` the metric's curvature
+        (the largest eigenvalue of the normalised input moment; 1 in weight space); see :meth:`set_lr_scale`."""
         r = self.mu * s.scale
-        if self.mu_cap is None:
-            return r
-        return min(r, self.mu_cap / (1.0 if s.whitening is None else s.whitening.curvature))
+        if self.mu_cap is not None:
+            r = min(r, self.mu_cap / (1.0 if s.whitening is None else s.whitening.curvature))
+        return r / self.lr_scale
+
+    def set_lr_scale(self, scale: float) -> None:
+        """The L steps' learning rate from now on, as a fraction of the one the μ path (and ``mu_cap``) was made
+        for. Every ``ρ_k`` is divided by it, so that one SGD iteration pulls ``W`` toward ``Θ`` as hard as the μ path
+        says while the learning rate anneals: the gradient noise around ``Θ`` (about ``lr/ρ``) then falls with the
+        square of the learning rate instead of staying where the cap left it. :func:`ltc.compress` sets it before
+        every L pass from its optimizer."""
+        check_number("scale", scale, gt=0, what="(the learning rate's fraction of its initial value)")
+        self.lr_scale = float(scale)
 
     @property
     def converged(self) -> bool:
@@ -616,6 +626,7 @@ class LCEngine:
         row = {
             "step": self.steps_done,
             "mu": self.mu,
+            "lr_scale": self.lr_scale,  # the L step's learning rate / the μ path's (ρ_k carries 1 / lr_scale)
             "lam": self.lam,
             "target": self.target,  # the budget this C step aimed at (None in λ mode)
             "ranks": ranks,
@@ -792,6 +803,7 @@ class LCEngine:
             "mu": self.mu,
             "mu_growth": self.mu_growth,
             "mu_cap": self.mu_cap,
+            "lr_scale": self.lr_scale,
             "lam": self.lam,
             "target": self.target,
             "cost": self.cost_kind,
@@ -877,6 +889,7 @@ class LCEngine:
             self.target = float(state["target"])
         self.mu_growth = float(state["mu_growth"])
         self.mu_cap = None if state["mu_cap"] is None else float(state["mu_cap"])
+        self.lr_scale = float(state.get("lr_scale", 1.0))
         # a state saved before start() holds no metric or layer weights yet: start() measures them
         self.started = self._prepared = bool(state["started"])
         self._ranks_changed = bool(state["ranks_changed"])

@@ -14,6 +14,7 @@ from typing import Any
 
 __all__ = [
     "COSTS",
+    "LC_LR_SCHEDULES",
     "METRICS",
     "OPTIMIZERS",
     "SCHEDULES",
@@ -39,6 +40,8 @@ MEMORY_FORMATS = ("contiguous", "channels_last")
 """Layouts a network is timed and run in under eager PyTorch: NCHW (PyTorch's default) or NHWC weights."""
 TARGET_SCHEDULES = ("fixed", "gradual")
 """How budget mode reaches ``target_sr`` over the C steps: at every C step, or a step at a time (:mod:`ltc.api`)."""
+LC_LR_SCHEDULES = ("cosine", "restart")
+"""How the L steps' learning rate moves: annealed over all LC epochs, or restarted each L step (:mod:`ltc.api`)."""
 
 
 def is_number(v: Any) -> bool:
