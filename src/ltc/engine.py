@@ -11,8 +11,10 @@ Lifecycle, around the user's own training loop (prepare, step, convert)::
 
 The augmented Lagrangian ``Q = L(W) + λ Σ C_k(r_k) + Σ_k ρ_k/2 ‖W_k − Θ_k − φ_k/ρ_k‖²_k`` is minimised by
 alternating the L step (SGD on ``L + penalty()``) and the C step. Layer ``k``'s penalty weight is
-``ρ_k = min(μ·w_k, mu_cap)``: ``w_k`` compares layers (``weighting``), ``mu_cap`` (optional) keeps each layer's pull
-within what SGD can follow, so that a large ``w_k`` no longer throttles every other layer's μ. The C step picks,
+``ρ_k = min(μ·w_k, mu_cap) / lr_scale``: ``w_k`` compares layers (``weighting``), ``mu_cap`` (optional) keeps each
+layer's pull within what SGD can follow, so that a large ``w_k`` no longer throttles every other layer's μ, and
+``lr_scale`` (:meth:`LCEngine.set_lr_scale`, 1 by default) keeps that pull per iteration while the learning rate
+anneals. The C step picks,
 for each layer, the rank minimising ``λ·C_k(r)/C_ref + μ/2·w_k·err_k(r)`` over the rank grid plus the dense
 option, on ``Z_k = W_k − φ_k/ρ_k``, and sets ``Θ_k`` to the projection of ``Z_k`` at that rank. ``‖·‖_k`` and
 ``err_k`` are the layer's metric (:mod:`ltc.metrics`): weight space, or the layer's inputs (``metric='data'``).
@@ -476,8 +478,9 @@ class LCEngine:
         """The L steps' learning rate from now on, as a fraction of the one the μ path (and ``mu_cap``) was made
         for. Every ``ρ_k`` is divided by it, so that one SGD iteration pulls ``W`` toward ``Θ`` as hard as the μ path
         says while the learning rate anneals: the gradient noise around ``Θ`` (about ``lr/ρ``) then falls with the
-        square of the learning rate instead of staying where the cap left it. :func:`ltc.compress` sets it before
-        every L pass from its optimizer."""
+        square of the learning rate instead of staying where the cap left it. Like the cap, it changes how hard ``W``
+        is pulled, not what the C step buys: ranks are still chosen with ``μ·w_k``. :func:`ltc.compress` sets it
+        before every L pass from its optimizer."""
         check_number("scale", scale, gt=0, what="(the learning rate's fraction of its initial value)")
         self.lr_scale = float(scale)
 
