@@ -57,7 +57,8 @@ CURRENT = {**V1, **SCHEDULE, **SHORT, "metric": "data", "centered": True, "min_r
 """The library's defaults until 2026-12-07, spelled out (the ablation row ``ltc+schedule/5+data+floor+kd``)."""
 MANY = {"steps": 25, "epochs_per_step": 0.2}
 """The same 5 LC epochs cut into 25 L steps (3 seeds: 79.36 / 79.06 / 78.28 % against 76.52 / 77.36 / 77.34 % with 5
-L steps; the default from 2026-12-07, the ablation row ``ltc+schedule/25x0.2+data+floor+kd``)."""
+L steps; with the constant L-step rate of ``CURRENT``, the ablation row ``ltc+schedule/25x0.2+data+floor+kd``, the
+library's default from a334f59 to 01ef327)."""
 DEFAULTS = {**CURRENT, **MANY, "lr_schedule": "cosine"}
 """The library's defaults, spelled out (the ablation row ``ltc+schedule/25x0.2+data+floor+kd+cosine``): 25 L steps
 whose learning rate anneals (cosine over the LC epochs) with the penalty scaled to it."""
@@ -78,13 +79,14 @@ ABLATION: list[tuple[str, str, dict[str, Any]]] = [
                                                            "epochs_per_step": 0.2}),
     ("ltc+schedule/5+data+floor4+kd", "ltc", {**CURRENT, "min_rank": 4}),
     # the same 5 LC epochs cut into 25 L steps of a fifth of an epoch: Θ (re-chosen at each C step) follows W 5x as
-    # often, so that the last, pinned L steps can still learn (the default since 2026-12-07)
+    # often, so that the last, pinned L steps can still learn (the default from a334f59 to 01ef327)
     ("ltc+schedule/25x0.2+data+floor+kd", "ltc", {**CURRENT, **MANY}),
     # twice as many C steps again, the LC epochs unchanged: W ends closer to Θ (0.020 in the metric on seeds 0-1
     # against 0.028-0.031), accuracy the same on those seeds
     ("ltc+schedule/50x0.1+data+floor+kd", "ltc", {**CURRENT, "steps": 50, "epochs_per_step": 0.1}),
     # the L steps' learning rate annealed (cosine over the LC epochs) with the penalty scaled to it, so each
-    # iteration still pulls as the μ path says while the gradient noise around Θ falls with the learning rate
+    # iteration still pulls as the μ path says while the gradient noise around Θ falls with the learning rate (the
+    # default since 01ef327)
     ("ltc+schedule/25x0.2+data+floor+kd+cosine", "ltc", DEFAULTS),
     # steps / lc_weight_decay do nothing for one-shot; pinned to the values this row ran with (its run folder's hash)
     ("oneshot-weight", "oneshot", {"metric": "weight", "min_rank": 1, "kd_weight": 0.0, "steps": 10,
