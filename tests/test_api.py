@@ -389,7 +389,8 @@ def uninterrupted(tmp_path_factory):
 
 GRADUAL = {"target_sr": 2.0, "target_schedule": "gradual"}
 FRACTION = {"target_sr": 2.0, "epochs_per_step": 0.5, "finetune_epochs": 1}
-COSINE = {"target_sr": 2.0, "steps": 3, "finetune_epochs": 1, "lr_schedule": "cosine"}  # the penalty follows the lr
+COSINE = {"target_sr": 2.0, "steps": 3, "finetune_epochs": 1, "lr_schedule": "cosine",
+          "lr_anneal": 1.0}  # the penalty follows the lr
 
 
 def run_key(method: str, kw: dict) -> str:
@@ -440,6 +441,19 @@ def test_a_cosine_lr_schedule_scales_each_l_steps_penalty(uninterrupted):
     ref = uninterrupted[run_key("ltc", COSINE)]
     assert [h["lr_scale"] for h in ref.history] == pytest.approx([1.0, 1.0, 0.75, 0.25])
     assert [row["lr"] for row in ref.log if row["phase"] == "lc"] == pytest.approx([0.01, 0.0075, 0.0025])
+
+
+def test_lr_anneal_holds_the_rate_then_anneals_over_the_last_share_of_the_l_steps():
+    """``lr_anneal=0.5`` over 4 L steps: 2 passes held at ``lr``, then the cosine over the last 2 (1, then 0.5);
+    the penalty's scale follows, and fine-tuning starts afresh at ``finetune_lr``."""
+    train, val = loaders()
+    res = compress(base_model(), train, val_loader=val, method="ltc", **{**RESUME_KW, **COSINE, "steps": 4,
+                                                                         "lr_anneal": 0.5, "finetune_lr": 0.02})
+    assert [row["lr"] for row in res.log if row["phase"] == "lc"] == pytest.approx([0.01, 0.01, 0.01, 0.005])
+    assert [h["lr_scale"] for h in res.history] == pytest.approx([1.0, 1.0, 1.0, 1.0, 0.5])
+    assert [row["lr"] for row in res.log if row["phase"] != "lc"][0] == pytest.approx(0.02)
+    with pytest.raises(ValueError, match=re.escape("lr_anneal must lie in (0, 1]")):
+        CompressConfig(target_sr=2.0, lr_anneal=0.0)
 
 
 def test_resume_without_a_checkpoint_starts_afresh_and_without_a_dir_is_refused(tmp_path, monkeypatch, caplog):

@@ -80,6 +80,24 @@ def test_rows_with_equal_settings_share_a_run_folder(tmp_path: Path) -> None:
     assert fc != fa and (fc == fb) == (default_kd == 0.5)
 
 
+def test_the_ablation_row_named_the_default_is_what_the_main_ltc_rows_run(tmp_path: Path) -> None:
+    """``quality.DEFAULTS`` spells out the library's defaults: its headline row shares the main LTC row's folder, and
+    the rows it superseded (``COSINE``, ``CURRENT``) do not."""
+    base = _base(tmp_path)
+    main = quality.Row("cifar10", "resnet34_cifar", "ltc", 10.0, 0)
+    rows = {name: quality.Row("cifar10", "resnet34_cifar", m, 10.0, 0, "ablation", name, over)
+            for name, m, over in quality.ABLATION}
+    default = [name for name, _m, over in quality.ABLATION if over is quality.DEFAULTS]
+    assert len(default) == 1
+
+    def folder(row):
+        return row.folder(tmp_path, quality.row_config(row, 15, base))
+
+    assert folder(rows[default[0]]) == folder(main)
+    others = {folder(r) for name, r in rows.items() if name != default[0] and r.method == "ltc"}
+    assert folder(main) not in others
+
+
 def test_a_scaled_budget_keeps_the_lc_share_and_plans_as_stated(tmp_path: Path) -> None:
     """--budget-scale K: every method gets K x 15 epochs; the LC methods' L steps K epochs each (a fifth of an epoch
     stays a fraction), so the epoch plan splits K x (LC, fine-tuning) of the 15-epoch protocol; others untouched."""

@@ -432,6 +432,7 @@ BAD_SETTINGS = [
     ({"exclude": ["features.*"]}, "no layer left to compress after include/exclude"),
     ({"method": "tucker"}, "unknown method 'tucker'"),
     ({"optimizer": "rmsprop"}, "optimizer must be one of 'sgd', 'adam', 'adamw', got 'rmsprop'"),
+    ({"lr_anneal": 1.5}, "lr_anneal must lie in (0, 1] (the share of the LC epochs that anneal), got 1.5"),
     ({"method": "vbmf", "lam": 5.0, "target_sr": None}, "method 'vbmf' picks its ranks without λ; drop lam"),
     ({"epochs": 2}, "epochs=2 is less than the LC steps' 3"),
     ({"epochs": 6, "finetune_epochs": 2}, "finetune_epochs=2 does not add up with epochs=6"),

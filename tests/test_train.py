@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -297,6 +297,31 @@ def test_make_scheduler_shapes() -> None:
         lrs("poly", epochs=3)
     with pytest.raises(ValueError, match="cycle"):
         lrs("exp", epochs=3, cycle=0)
+    with pytest.raises(ValueError, match="hold_epochs .* only goes with schedule='cosine'"):
+        lrs("exp", epochs=3, hold_epochs=1)
+
+
+def _factors(epochs: int, **kw) -> list[float]:
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sch = make_scheduler(opt, "cosine", epochs=epochs, **kw)
+    out = []
+    for _ in range(epochs):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sch.step()
+    return out
+
+
+@given(epochs=st.integers(2, 40), hold=st.integers(0, 39), warmup=st.integers(0, 3))
+def test_a_held_cosine_is_the_plain_cosine_shifted_by_the_hold(epochs: int, hold: int, warmup: int) -> None:
+    """Warmup, ``hold_epochs`` at the full rate, then exactly the cosine a schedule of the remaining epochs runs."""
+    assume(warmup < epochs)
+    hold = min(hold, epochs - warmup - 1)
+    held = _factors(epochs, hold_epochs=hold, warmup_epochs=warmup)
+    plain = _factors(epochs - hold, warmup_epochs=warmup)
+    assert held[warmup:warmup + hold] == [1.0] * hold
+    assert held[:warmup] == pytest.approx(plain[:warmup])
+    assert held[warmup + hold:] == pytest.approx(plain[warmup:])
 
 
 def test_runlog_truncate_and_new_columns(tmp_path: Path) -> None:

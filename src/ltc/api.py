@@ -150,8 +150,9 @@ class CompressConfig:
     layer ends pinned to its Tucker-2 projection and the deployed Θ is what training reached; with ``pull=p`` (the
     first version: 5) the last L step closes the least-pulled layer's gap by ``e^p`` only. ``mu_growth`` overrides
     the path.
-    L steps use learning rate ``lr`` (``lr_schedule``: ``'cosine'`` over all LC epochs, or ``'restart'``: decayed
-    by ``lr_decay`` per epoch and restarted each L step, as in the LC paper's scripts) and weight decay
+    L steps use learning rate ``lr`` (``lr_schedule``: ``'cosine'``, held at ``lr`` for the first ``1 − lr_anneal``
+    of the LC epochs and annealed to 0 over the rest (``lr_anneal=1``: cosine over all of them), or ``'restart'``:
+    decayed by ``lr_decay`` per epoch and restarted each L step, as in the LC paper's scripts) and weight decay
     ``weight_decay`` on all weights except the compressed layers', which get ``lc_weight_decay`` (their regulariser
     is the penalty). Each pass's penalty weights are divided by its learning rate's fraction of ``lr``
     (:meth:`ltc.engine.LCEngine.set_lr_scale`): an annealed schedule then pulls ``W`` toward ``Θ`` as hard per
@@ -170,8 +171,10 @@ class CompressConfig:
     Defaults differ from the SPEC where the ablation (``benchmarks/results/quality_summary.md``, resnet34_cifar
     width 0.25 on CIFAR-10, SR 10, 15 epochs) measured better: ``metric='data'`` (SPEC: ``'weight'``),
     ``min_rank=2`` (SPEC: 1), ``kd_weight=0.5``, ``lc_weight_decay=0``, and ``steps=25`` L steps of
-    ``epochs_per_step=0.2`` (5 LC epochs, a C step every fifth of an epoch; SPEC: 1-2 epochs per L step). Every SPEC
-    choice stays reachable by setting the field.
+    ``epochs_per_step=0.2`` (5 LC epochs, a C step every fifth of an epoch; SPEC: 1-2 epochs per L step), and an
+    L-step rate held for 80 % of the LC epochs and annealed over the last 20 % (``lr_schedule='cosine'``,
+    ``lr_anneal=0.2``; SPEC: the LC scripts' restarted rate, ``lr_schedule='restart'``). Every SPEC choice stays
+    reachable by setting the field.
     """
 
     method: str = "ltc"
@@ -206,6 +209,7 @@ class CompressConfig:
     optimizer: str = "sgd"
     lr: float = 0.01
     lr_schedule: str = "cosine"
+    lr_anneal: float = 0.2
     lr_decay: float = 0.99
     momentum: float = 0.9
     nesterov: bool = True
@@ -269,6 +273,7 @@ class CompressConfig:
         check_number("pull", self.pull, gt=0, optional=True)
         check_choice("mu_cap", self.mu_cap, ("layer", "global", "none"))
         check_choice("lr_schedule", self.lr_schedule, LC_LR_SCHEDULES)
+        check_number("lr_anneal", self.lr_anneal, gt=0, le=1, what="(the share of the LC epochs that anneal)")
         check_choice("target_schedule", self.target_schedule, TARGET_SCHEDULES)
         if self.target_schedule == "gradual":
             if self.target_sr is None:
@@ -731,8 +736,9 @@ def _lc_optimizer(model: nn.Module, comp: Any, cfg: CompressConfig) -> torch.opt
 
 
 def _lc_scheduler_kw(cfg: CompressConfig, plan: EpochPlan) -> dict[str, Any]:
-    if cfg.lr_schedule == "cosine":
-        return {"sched_cfg": {"name": "cosine", "epochs": plan.lc_fit_epochs}}
+    if cfg.lr_schedule == "cosine":  # held at lr, then annealed over the last lr_anneal of the LC passes
+        hold = round((1.0 - cfg.lr_anneal) * plan.lc_fit_epochs)
+        return {"sched_cfg": {"name": "cosine", "epochs": plan.lc_fit_epochs, "hold_epochs": hold}}
     return {"sched_cfg": {"name": "exp", "gamma": cfg.lr_decay, "epochs": plan.step_fit_epochs,
                           "cycle": plan.step_fit_epochs}}
 

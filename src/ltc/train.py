@@ -269,6 +269,7 @@ def make_scheduler(
     gamma: float = 0.1,
     warmup_epochs: int = 0,
     cycle: int | None = None,
+    hold_epochs: int = 0,
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
     """LR schedule as a resumable ``LambdaLR`` (``None`` for ``name="none"``).
 
@@ -278,7 +279,9 @@ def make_scheduler(
     their meaning in epochs. With ``t`` = epochs elapsed, the LR multiplier is
 
     * warmup (``t < warmup_epochs``): linear ramp ``(t + 1/steps_per_epoch) / warmup_epochs``;
-    * ``"cosine"``: ``0.5 * (1 + cos(pi * (t - warmup) / (epochs - warmup)))``;
+    * hold (the next ``hold_epochs``): 1 (``"cosine"`` only: warmup, hold, then decay, as in a
+      warmup-stable-decay schedule);
+    * ``"cosine"``: ``0.5 * (1 + cos(pi * (t - warmup - hold) / (epochs - warmup - hold)))``;
     * ``"step"``: ``gamma ** ((t - warmup) // step_size)``;
     * ``"exp"``: ``gamma ** (t - warmup)`` (per epoch);
     * ``"none"``: 1 (with warmup, only the ramp; without warmup, ``None`` is returned).
@@ -289,11 +292,14 @@ def make_scheduler(
     key = check_choice("schedule", name, SCHEDULES)
     if epochs < 1 or steps_per_epoch < 1 or step_size < 1 or warmup_epochs < 0 or (cycle is not None and cycle < 1):
         raise ValueError("epochs, steps_per_epoch, step_size and cycle must be >= 1 and warmup_epochs >= 0")
+    if hold_epochs < 0 or (hold_epochs and key != "cosine"):
+        raise ValueError(f"hold_epochs must be >= 0 and only goes with schedule='cosine' (got {hold_epochs} with "
+                         f"{key!r})")
     if key == "none" and warmup_epochs == 0:
         return None
     spe = float(steps_per_epoch)
-    warm = float(warmup_epochs)
-    span = max(float(epochs) - warm, 1.0)
+    warm, hold = float(warmup_epochs), float(hold_epochs)
+    span = max(float(epochs) - warm - hold, 1.0)
 
     def factor(step: int) -> float:
         t = step / spe
@@ -303,7 +309,8 @@ def make_scheduler(
             return min(1.0, (t + 1.0 / spe) / warm)
         u = t - warm
         if key == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(u / span, 1.0)))
+            u -= hold
+            return 1.0 if u < 0 else 0.5 * (1.0 + math.cos(math.pi * min(u / span, 1.0)))
         if key == "step":
             return gamma ** (int(u) // step_size)
         if key == "exp":
