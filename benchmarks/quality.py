@@ -64,7 +64,8 @@ COSINE = {**CURRENT, **MANY, "lr_schedule": "cosine", "lr_anneal": 1.0}
 over all the LC epochs) with the penalty scaled to it (the library's default from 01ef327 to the held cosine)."""
 DEFAULTS = {**COSINE, "lr_anneal": 0.2}
 """The library's defaults, spelled out (the ablation row ``ltc+schedule/25x0.2+data+floor+kd+held-cosine``): the
-same, the rate held at ``lr`` for the first 20 L steps and annealed over the last 5."""
+same, the rate held at ``lr`` for the first 20 L steps and annealed (cosine) over the last 5: 1, 0.90, 0.65, 0.35 and
+0.10 of ``lr``."""
 ABLATION: list[tuple[str, str, dict[str, Any]]] = [
     ("ltc-v1", "ltc", V1),
     ("ltc+schedule", "ltc", {**V1, **SCHEDULE}),
@@ -96,7 +97,8 @@ ABLATION: list[tuple[str, str, dict[str, Any]]] = [
     # lost 2 points with the rate annealed over all of them), and the last ones still end W close to Θ (the
     # default since this row)
     ("ltc+schedule/25x0.2+data+floor+kd+held-cosine", "ltc", DEFAULTS),
-    # steps / lc_weight_decay do nothing for one-shot; pinned to the values this row ran with (its run folder's hash)
+    # steps / lc_weight_decay do nothing for one-shot; pinned to the values this row ran with (adding the field
+    # lr_anneal moved every folder hash: finished rows are found by id, a --redo starts a new folder)
     ("oneshot-weight", "oneshot", {"metric": "weight", "min_rank": 1, "kd_weight": 0.0, "steps": 10,
                                    "lc_weight_decay": 5e-4}),
     ("oneshot-data", "oneshot", {"metric": "data", "centered": True, "min_rank": 1, "kd_weight": 0.0}),

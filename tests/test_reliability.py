@@ -433,6 +433,8 @@ BAD_SETTINGS = [
     ({"method": "tucker"}, "unknown method 'tucker'"),
     ({"optimizer": "rmsprop"}, "optimizer must be one of 'sgd', 'adam', 'adamw', got 'rmsprop'"),
     ({"lr_anneal": 1.5}, "lr_anneal must lie in (0, 1] (the share of the LC epochs that anneal), got 1.5"),
+    ({"lr_schedule": "restart", "lr_anneal": 0.5}, "lr_anneal=0.5 shapes lr_schedule='cosine'; with "
+                                                    "lr_schedule='restart' leave it out"),
     ({"method": "vbmf", "lam": 5.0, "target_sr": None}, "method 'vbmf' picks its ranks without λ; drop lam"),
     ({"epochs": 2}, "epochs=2 is less than the LC steps' 3"),
     ({"epochs": 6, "finetune_epochs": 2}, "finetune_epochs=2 does not add up with epochs=6"),
@@ -496,6 +498,8 @@ def test_resume_refuses_foreign_checkpoints(finished_checkpoint: Path, tmp_path:
          "belongs to a run with other settings (method: 'ltc' -> 'lrc')"),
         ("settings", _copy(finished_checkpoint, tmp_path / "s"), {"target_sr": 3.0},
          "belongs to a run with other settings (target_sr: 2.0 -> 3.0)"),
+        ("schedule", _copy(finished_checkpoint, tmp_path / "l"), {"lr_anneal": 0.5},
+         "belongs to a run with other settings (lr_anneal: 0.2 -> 0.5)"),
         ("fit", tmp_path / "fit" / CHECKPOINT_NAME, {}, "was written by ltc train / ltc.train.fit, not by ltc "
                                                         "compress / ltc.compress"),
         ("garbage", tmp_path / "g" / CHECKPOINT_NAME, {},

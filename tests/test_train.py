@@ -299,6 +299,9 @@ def test_make_scheduler_shapes() -> None:
         lrs("exp", epochs=3, cycle=0)
     with pytest.raises(ValueError, match="hold_epochs .* only goes with schedule='cosine'"):
         lrs("exp", epochs=3, hold_epochs=1)
+    with pytest.raises(ValueError, match="warmup_epochs \\+ hold_epochs = 3 leaves none of the 3 epochs to anneal"):
+        lrs("cosine", epochs=3, hold_epochs=2, warmup_epochs=1)
+    assert lrs("cosine", n=6, epochs=3, hold_epochs=1, cycle=3) == pytest.approx([1, 1, 0.5] * 2)  # per cycle
 
 
 def _factors(epochs: int, **kw) -> list[float]:

@@ -58,7 +58,8 @@ CHECKPOINT_NAME = "checkpoint.pt"
 WRITER = "ltc.compress"
 # settings that decide which ranks a run learns: resuming a checkpoint with other values is refused
 _IDENTITY_KEYS = ("method", "lam", "target_sr", "cost", "include", "exclude", "compress_linear", "min_rank",
-                  "rank_multiple", "weighting", "metric", "method_options", "steps", "epochs_per_step")
+                  "rank_multiple", "weighting", "metric", "method_options", "steps", "epochs_per_step", "lr",
+                  "lr_schedule", "lr_anneal")
 # Largest lr_eff·ρ_k of any layer: SGD with Nesterov momentum 0.9 on the penalty alone is stable up to
 # lr·ρ ≈ 1.36, i.e. lr_eff·ρ ≈ 13.6; 2 leaves room for the loss's own curvature.
 MAX_PULL = 2.0
@@ -274,6 +275,9 @@ class CompressConfig:
         check_choice("mu_cap", self.mu_cap, ("layer", "global", "none"))
         check_choice("lr_schedule", self.lr_schedule, LC_LR_SCHEDULES)
         check_number("lr_anneal", self.lr_anneal, gt=0, le=1, what="(the share of the LC epochs that anneal)")
+        if self.lr_schedule != "cosine" and self.lr_anneal != CompressConfig.__dataclass_fields__["lr_anneal"].default:
+            raise ValueError(f"lr_anneal={self.lr_anneal:g} shapes lr_schedule='cosine'; with "
+                             f"lr_schedule={self.lr_schedule!r} leave it out")
         check_choice("target_schedule", self.target_schedule, TARGET_SCHEDULES)
         if self.target_schedule == "gradual":
             if self.target_sr is None:
@@ -735,9 +739,17 @@ def _lc_optimizer(model: nn.Module, comp: Any, cfg: CompressConfig) -> torch.opt
                           weight_decay=cfg.weight_decay)
 
 
+def anneal_passes(passes: int, share: float) -> int:
+    """How many of the ``passes`` LC passes the cosine of ``lr_schedule='cosine'`` spans (the passes before it run at
+    ``lr``): ``share x passes`` rounded half up, at least 2 (a cosine's first pass runs at the full rate, so a span of
+    one would anneal nothing) and at most ``passes``. 25 passes, share 0.2: the last 5, at 1, 0.90, 0.65, 0.35 and
+    0.10 of ``lr``."""
+    return min(passes, max(2, math.floor(round(share * passes, 9) + 0.5)))
+
+
 def _lc_scheduler_kw(cfg: CompressConfig, plan: EpochPlan) -> dict[str, Any]:
     if cfg.lr_schedule == "cosine":  # held at lr, then annealed over the last lr_anneal of the LC passes
-        hold = round((1.0 - cfg.lr_anneal) * plan.lc_fit_epochs)
+        hold = plan.lc_fit_epochs - anneal_passes(plan.lc_fit_epochs, cfg.lr_anneal)
         return {"sched_cfg": {"name": "cosine", "epochs": plan.lc_fit_epochs, "hold_epochs": hold}}
     return {"sched_cfg": {"name": "exp", "gamma": cfg.lr_decay, "epochs": plan.step_fit_epochs,
                           "cycle": plan.step_fit_epochs}}

@@ -197,11 +197,12 @@ def _compress_opts(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
       help="fine-tuning epochs, ranks fixed (default: what --epochs leaves, else 5)")
     f("--lr", key="compress.lr", type=float, help=f"first L step's learning rate (default {_default('lr')})")
     f("--lr-schedule", key="compress.lr_schedule", choices=LC_LR_SCHEDULES,
-      help=f"how the L-step learning rate moves: annealed over the LC epochs, each L step's penalty scaled with it "
-           f"(cosine), or restarted each L step (restart, the LC paper's scripts) (default {_default('lr_schedule')})")
+      help=f"how the L-step learning rate moves: held, then annealed over the last --lr-anneal of the LC epochs, "
+           f"each L step's penalty scaled with it (cosine), or restarted each L step (restart, the LC paper's "
+           f"scripts) (default {_default('lr_schedule')})")
     f("--lr-anneal", key="compress.lr_anneal", type=float,
       help=f"with --lr-schedule cosine: the share of the LC epochs over which the rate anneals, held at --lr before "
-           f"(default {_default('lr_anneal'):g}: all of them)")
+           f"(default {_default('lr_anneal'):g}; 1: all of them)")
     f("--finetune-lr", key="compress.finetune_lr", type=float, help="fine-tuning learning rate (default 0.01)")
     f("--mu0", key="compress.mu0", type=float, help="first penalty weight μ0 (default 1e-3)")
     f("--mu-growth", key="compress.mu_growth", type=float,

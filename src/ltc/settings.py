@@ -41,7 +41,8 @@ MEMORY_FORMATS = ("contiguous", "channels_last")
 TARGET_SCHEDULES = ("fixed", "gradual")
 """How budget mode reaches ``target_sr`` over the C steps: at every C step, or a step at a time (:mod:`ltc.api`)."""
 LC_LR_SCHEDULES = ("cosine", "restart")
-"""How the L steps' learning rate moves: annealed over all LC epochs, or restarted each L step (:mod:`ltc.api`)."""
+"""How the L steps' learning rate moves: held, then annealed over the last ``lr_anneal`` of the LC epochs (cosine), or
+restarted each L step (:mod:`ltc.api`)."""
 
 
 def is_number(v: Any) -> bool:

@@ -287,7 +287,8 @@ def make_scheduler(
     * ``"none"``: 1 (with warmup, only the ramp; without warmup, ``None`` is returned).
 
     ``cycle``: restart the schedule every ``cycle`` epochs (``t`` counts from the last restart; ``epochs`` is then
-    the length of one cycle): the LC methods' L steps restart their learning rate each step.
+    the length of one cycle; warmup and hold repeat in every cycle): the LC methods' L steps restart their learning
+    rate each step.
     """
     key = check_choice("schedule", name, SCHEDULES)
     if epochs < 1 or steps_per_epoch < 1 or step_size < 1 or warmup_epochs < 0 or (cycle is not None and cycle < 1):
@@ -295,6 +296,9 @@ def make_scheduler(
     if hold_epochs < 0 or (hold_epochs and key != "cosine"):
         raise ValueError(f"hold_epochs must be >= 0 and only goes with schedule='cosine' (got {hold_epochs} with "
                          f"{key!r})")
+    if hold_epochs and warmup_epochs + hold_epochs >= epochs:
+        raise ValueError(f"warmup_epochs + hold_epochs = {warmup_epochs + hold_epochs} leaves none of the {epochs} "
+                         "epochs to anneal; hold fewer")
     if key == "none" and warmup_epochs == 0:
         return None
     spe = float(steps_per_epoch)
