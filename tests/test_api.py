@@ -14,8 +14,6 @@ import re
 
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -456,23 +454,6 @@ def test_lr_anneal_holds_the_rate_then_anneals_over_the_last_share_of_the_l_step
     assert [row["lr"] for row in res.log if row["phase"] != "lc"][0] == pytest.approx(0.02)
     with pytest.raises(ValueError, match=re.escape("lr_anneal must lie in (0, 1]")):
         CompressConfig(target_sr=2.0, lr_anneal=0.0)
-
-
-@given(passes=st.integers(1, 200), share=st.floats(0.001, 1.0))
-def test_the_annealed_passes_are_the_share_asked_for_and_always_anneal(passes: int, share: float):
-    """The cosine spans ``share`` of the LC passes (to the nearest pass), all of them with ``share=1``, and at least
-    2 so that the last pass runs below ``lr`` whenever there are 2 passes; the passes before it run at ``lr``."""
-    k = ltc.api.anneal_passes(passes, share)
-    assert 1 <= k <= passes and (k == passes) >= (share == 1.0)
-    assert abs(k - share * passes) <= 0.5 or k == min(2, passes)
-    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    sch = ltc.train.make_scheduler(opt, "cosine", epochs=passes, hold_epochs=passes - k)
-    factors = []
-    for _ in range(passes):
-        factors.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sch.step()
-    assert factors[: passes - k + 1] == [1.0] * (passes - k + 1) and (passes == 1 or factors[-1] < 1.0)
 
 
 def test_the_default_anneals_even_a_short_lc_phase():

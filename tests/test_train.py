@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ltc import train as T
+from ltc.api import anneal_passes
 from ltc.train import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
@@ -272,18 +273,20 @@ def test_make_optimizer_param_groups() -> None:
         make_optimizer(model, name="lbfgs")
 
 
-def test_make_scheduler_shapes() -> None:
-    def lrs(name: str, n: int | None = None, **kw) -> list[float]:
-        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-        sch = make_scheduler(opt, name, **kw)
-        out = []
-        for _ in range(n or kw["epochs"]):
-            out.append(opt.param_groups[0]["lr"])
-            if sch is not None:
-                opt.step()
-                sch.step()
-        return out
+def lrs(name: str, n: int | None = None, **kw) -> list[float]:
+    """The LR multiplier of ``make_scheduler(name, **kw)`` in each of the first ``n`` (default ``epochs``) epochs."""
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sch = make_scheduler(opt, name, **kw)
+    out = []
+    for _ in range(n or kw["epochs"]):
+        out.append(opt.param_groups[0]["lr"])
+        if sch is not None:
+            opt.step()
+            sch.step()
+    return out
 
+
+def test_make_scheduler_shapes() -> None:
     cos = lrs("cosine", epochs=4)
     assert cos[0] == 1.0 and cos == sorted(cos, reverse=True) and cos[2] == pytest.approx(0.5)
     assert lrs("step", epochs=5, step_size=2, gamma=0.1) == pytest.approx([1, 1, 0.1, 0.1, 0.01])
@@ -304,27 +307,27 @@ def test_make_scheduler_shapes() -> None:
     assert lrs("cosine", n=6, epochs=3, hold_epochs=1, cycle=3) == pytest.approx([1, 1, 0.5] * 2)  # per cycle
 
 
-def _factors(epochs: int, **kw) -> list[float]:
-    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    sch = make_scheduler(opt, "cosine", epochs=epochs, **kw)
-    out = []
-    for _ in range(epochs):
-        out.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sch.step()
-    return out
-
-
 @given(epochs=st.integers(2, 40), hold=st.integers(0, 39), warmup=st.integers(0, 3))
 def test_a_held_cosine_is_the_plain_cosine_shifted_by_the_hold(epochs: int, hold: int, warmup: int) -> None:
     """Warmup, ``hold_epochs`` at the full rate, then exactly the cosine a schedule of the remaining epochs runs."""
     assume(warmup < epochs)
     hold = min(hold, epochs - warmup - 1)
-    held = _factors(epochs, hold_epochs=hold, warmup_epochs=warmup)
-    plain = _factors(epochs - hold, warmup_epochs=warmup)
+    held = lrs("cosine", epochs=epochs, hold_epochs=hold, warmup_epochs=warmup)
+    plain = lrs("cosine", epochs=epochs - hold, warmup_epochs=warmup)
     assert held[warmup:warmup + hold] == [1.0] * hold
     assert held[:warmup] == pytest.approx(plain[:warmup])
     assert held[warmup + hold:] == pytest.approx(plain[warmup:])
+
+
+@given(passes=st.integers(1, 200), share=st.floats(0.001, 1.0))
+def test_the_annealed_passes_are_the_share_asked_for_and_always_anneal(passes: int, share: float):
+    """The cosine spans ``share`` of the LC passes (to the nearest pass), all of them with ``share=1``, and at least
+    2 so that the last pass runs below ``lr`` whenever there are 2 passes; the passes before it run at ``lr``."""
+    k = anneal_passes(passes, share)
+    assert 1 <= k <= passes and (k == passes) >= (share == 1.0)
+    assert abs(k - share * passes) <= 0.5 or k == min(2, passes)
+    factors = lrs("cosine", epochs=passes, hold_epochs=passes - k)
+    assert factors[: passes - k + 1] == [1.0] * (passes - k + 1) and (passes == 1 or factors[-1] < 1.0)
 
 
 def test_runlog_truncate_and_new_columns(tmp_path: Path) -> None:
