@@ -46,7 +46,7 @@ from .settings import (
     check_number,
 )
 from .surgery import unwrap
-from .train import evaluate, fit, make_optimizer, make_scheduler, read_checkpoint
+from .train import current_lr, evaluate, fit, make_optimizer, make_scheduler, read_checkpoint
 from .utils import is_main_process, resolve_device, seed_everything
 
 _logger = logging.getLogger("ltc")
@@ -232,6 +232,11 @@ class CompressConfig:
     amp: bool = False
     channels_last: bool = False
 
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """The default of field ``name`` (the CLI's help and the benchmarks quote it rather than repeat it)."""
+        return cls.__dataclass_fields__[name].default
+
     def __post_init__(self) -> None:
         method = get_method(self.method)
         if isinstance(self.include, str):
@@ -275,7 +280,7 @@ class CompressConfig:
         check_choice("mu_cap", self.mu_cap, ("layer", "global", "none"))
         check_choice("lr_schedule", self.lr_schedule, LC_LR_SCHEDULES)
         check_number("lr_anneal", self.lr_anneal, gt=0, le=1, what="(the share of the LC epochs that anneal)")
-        if self.lr_schedule != "cosine" and self.lr_anneal != CompressConfig.__dataclass_fields__["lr_anneal"].default:
+        if self.lr_schedule != "cosine" and self.lr_anneal != self.default("lr_anneal"):
             raise ValueError(f"lr_anneal={self.lr_anneal:g} shapes lr_schedule='cosine'; with "
                              f"lr_schedule={self.lr_schedule!r} leave it out")
         check_choice("target_schedule", self.target_schedule, TARGET_SCHEDULES)
@@ -706,7 +711,7 @@ def _c_step_hook(comp: Any, cfg: CompressConfig, plan: EpochPlan, optimizer: tor
 
     def hook(epoch: int, row: dict[str, Any]) -> dict[str, Any] | None:
         out = _c_step(epoch, row)
-        lr = optimizer.param_groups[0]["lr"]
+        lr = current_lr(optimizer)
         if epoch < plan.lc_fit_epochs and lr > 0:  # after the last pass a cosine schedule has reached 0
             comp.set_lr_scale(lr / cfg.lr)
         return out

@@ -67,7 +67,7 @@ def _default(name: str) -> Any:
     """``ltc.CompressConfig``'s default for field ``name`` (help texts quote it rather than repeat it)."""
     from .api import CompressConfig
 
-    return CompressConfig.__dataclass_fields__[name].default
+    return CompressConfig.default(name)
 
 
 def _say(*msg: Any) -> None:

@@ -434,7 +434,8 @@ def _bar(loader: Iterable[Any], total: int | None, desc: str, progress: bool) ->
                 dynamic_ncols=True)
 
 
-def _current_lr(optimizer: Optimizer) -> float:
+def current_lr(optimizer: Optimizer) -> float:
+    """The learning rate the optimizer's first parameter group steps with now."""
     return float(optimizer.param_groups[0]["lr"])
 
 
@@ -526,7 +527,7 @@ def train_one_epoch(
                 raise NonFiniteLossError(
                     f"non-finite loss at {where}batch {i + 1}"
                     f"{f'/{total_batches}' if total_batches else ''}: task loss = {loss_val}, "
-                    f"extra loss = {extra_val}, lr = {_current_lr(optimizer):g}. Training diverged; "
+                    f"extra loss = {extra_val}, lr = {current_lr(optimizer):g}. Training diverged; "
                     "try a lower learning rate (or gradient clipping / a smaller penalty weight)."
                 )
             if use_scaler:
@@ -965,7 +966,7 @@ def fit(
     for e in range(start_epoch, epochs):
         t0 = time.perf_counter()
         prepare_loader_epoch(train_loader, epoch_offset + e, seed)
-        lr = _current_lr(optimizer)
+        lr = current_lr(optimizer)
         where = label(e)
         try:
             tr = train_one_epoch(
