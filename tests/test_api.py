@@ -201,7 +201,7 @@ def test_compress_config_object_and_overrides(monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------- epoch budget
-DEFAULT_EPS = CompressConfig.__dataclass_fields__["epochs_per_step"].default  # the default L step, in epochs
+DEFAULT_EPS = CompressConfig.default("epochs_per_step")  # the default L step, in epochs
 
 
 @pytest.mark.parametrize(
@@ -462,7 +462,7 @@ def test_the_default_anneals_even_a_short_lc_phase():
     train, val = loaders()
     res = compress(base_model(), train, val_loader=val, method="ltc", **{**RESUME_KW, "target_sr": 2.0, "steps": 5,
                                                                          "finetune_epochs": 0})
-    assert CompressConfig.__dataclass_fields__["lr_anneal"].default == 0.2
+    assert CompressConfig.default("lr_anneal") == 0.2
     assert [row["lr"] for row in res.log if row["phase"] == "lc"] == pytest.approx([0.01] * 4 + [0.005])
 
 

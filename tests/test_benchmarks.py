@@ -75,7 +75,7 @@ def test_rows_with_equal_settings_share_a_run_folder(tmp_path: Path) -> None:
     b = quality.Row("digits", "small_cnn", "ltc", 2.0, 0)
     c = quality.Row("digits", "small_cnn", "ltc", 2.0, 0, "ablation", "y", {"kd_weight": 0.5})
     fa, fb, fc = (r.folder(tmp_path, quality.row_config(r, 4, base)) for r in (a, b, c))
-    default_kd = ltc.CompressConfig.__dataclass_fields__["kd_weight"].default
+    default_kd = ltc.CompressConfig.default("kd_weight")
     assert (fa == fb) == (default_kd == 0.0)
     assert fc != fa and (fc == fb) == (default_kd == 0.5)
 
@@ -126,12 +126,12 @@ def test_a_short_budget_takes_as_many_default_steps_as_leave_an_epoch_to_finetun
                                                                                 per_step, steps: int) -> None:
     """Without steps in its overrides a row takes the library's default steps, cut to what fits in the budget less
     one fine-tuning epoch at the row's epochs_per_step (the default fifth of an epoch, or the override)."""
-    assert ltc.CompressConfig.__dataclass_fields__["steps"].default >= 25  # else the cases below do not cut
+    assert ltc.CompressConfig.default("steps") >= 25  # else the cases below do not cut
     over = {} if per_step is None else {"epochs_per_step": per_step}
     row = quality.Row("cifar10", "resnet34_cifar", "ltc", 10.0, 0, "ablation", "r", over)
     c = quality.row_config(row, epochs, _base(tmp_path))["compress"]
     if per_step is None:
-        assert ltc.CompressConfig.__dataclass_fields__["epochs_per_step"].default == 0.2
+        assert ltc.CompressConfig.default("epochs_per_step") == 0.2
     p = _settings(c).plan()
     assert c["steps"] == steps and p.finetune >= 1 and ltc.api.whole(p.lc_epochs) + p.finetune == epochs
 
