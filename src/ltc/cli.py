@@ -27,6 +27,7 @@ import torch
 
 from . import config as cfgmod
 from . import pipelines, runs
+from .api import CompressConfig
 from .cost import format_count, profile
 from .methods import list_methods
 from .settings import (
@@ -61,13 +62,6 @@ UNITS_EPILOG = (
 )
 
 _DIGITS = pipelines.DIGITS
-
-
-def _default(name: str) -> Any:
-    """``ltc.CompressConfig``'s default for field ``name`` (help texts quote it rather than repeat it)."""
-    from .api import CompressConfig
-
-    return CompressConfig.default(name)
 
 
 def _say(*msg: Any) -> None:
@@ -186,23 +180,24 @@ def _compress_opts(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     f("--exclude", key="compress.exclude", action="extend", nargs="+", metavar="GLOB", help="leave these dense")
     f("--epochs", key="compress.epochs", type=int,
       help="the whole epoch budget: LC steps then fine-tuning for ltc/lrc, fine-tuning for the others")
-    f("--steps", key="compress.steps", type=int, help=f"LC steps (C steps) (default {_default('steps')})")
+    f("--steps", key="compress.steps", type=int, help=f"LC steps (C steps) (default {CompressConfig.default('steps')})")
     f("--epochs-per-step", key="compress.epochs_per_step", type=float,
-      help=f"epochs of each L step (default {_default('epochs_per_step'):g}); a fraction below 1 trains each L step "
-           "on that share of one epoch")
+      help=f"epochs of each L step (default {CompressConfig.default('epochs_per_step'):g}); a fraction below 1 "
+           "trains each L step on that share of one epoch")
     f("--target-schedule", key="compress.target_schedule", choices=TARGET_SCHEDULES,
       help="with --target-sr and L steps: every C step aims at the target (fixed, default) or the target is reached "
            "a step at a time (gradual: SR ** ((j + 1) / steps) at C step j)")
     f("--finetune-epochs", key="compress.finetune_epochs", type=int,
       help="fine-tuning epochs, ranks fixed (default: what --epochs leaves, else 5)")
-    f("--lr", key="compress.lr", type=float, help=f"first L step's learning rate (default {_default('lr')})")
+    f("--lr", key="compress.lr", type=float,
+      help=f"first L step's learning rate (default {CompressConfig.default('lr')})")
     f("--lr-schedule", key="compress.lr_schedule", choices=LC_LR_SCHEDULES,
       help=f"how the L-step learning rate moves: held, then annealed over the last --lr-anneal of the LC epochs, "
            f"each L step's penalty scaled with it (cosine), or restarted each L step (restart, the LC paper's "
-           f"scripts) (default {_default('lr_schedule')})")
+           f"scripts) (default {CompressConfig.default('lr_schedule')})")
     f("--lr-anneal", key="compress.lr_anneal", type=float,
       help=f"with --lr-schedule cosine: the share of the LC epochs over which the rate anneals, held at --lr before "
-           f"(default {_default('lr_anneal'):g}; 1: all of them)")
+           f"(default {CompressConfig.default('lr_anneal'):g}; 1: all of them)")
     f("--finetune-lr", key="compress.finetune_lr", type=float, help="fine-tuning learning rate (default 0.01)")
     f("--mu0", key="compress.mu0", type=float, help="first penalty weight μ0 (default 1e-3)")
     f("--mu-growth", key="compress.mu_growth", type=float,
