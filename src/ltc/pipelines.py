@@ -27,7 +27,7 @@ from torch import nn
 
 from . import config as cfgmod
 from . import runs
-from .api import compress
+from .api import CompressConfig, compress
 from .cost import format_count, profile
 from .latency import compare_latency
 from .results import RunResult
@@ -336,7 +336,6 @@ def run_plots(run: dict[str, Any], out: Path, prefix: str = "") -> list[Path]:
 def finetune_run(cfg: dict[str, Any], src_ref: str | Path, out: Path | None, *, epochs: int, lr: float | None = None,
                  resume: bool = False, overwrite: bool = False, say: Say = _quiet) -> RunResult:
     """More fine-tuning of a run's model (ranks fixed) into a new run folder (default ``<RUN>_ft``)."""
-    from .api import CompressConfig
     from .train import RunLog, fit
 
     src = runs.load_model(src_ref)
