@@ -264,7 +264,9 @@ def refresh(doc: dict[str, Any]) -> None:
         path = Path(rec["model_path"])
         folder = (path if path.is_absolute() else C.REPO / path).parent
         if (folder / "result.json").is_file():
-            rec["w_theta_final_metric"] = metric_distance(RunResult.read(folder / "result.json"))
+            r = RunResult.read(folder / "result.json")
+            rec["w_theta_final_metric"] = metric_distance(r)
+            rec.update(rank_fields(r))
 
 
 def remeasure(doc: dict[str, Any], repeats: int, threads: int, say: Any, only: str | None = None) -> None:
@@ -313,12 +315,18 @@ def run_record(row: Row, folder: Path) -> dict[str, Any]:
         "acc": (r.compressed or {}).get("acc"), "acc_before_finetune": (r.compressed or {}).get("acc_before_finetune"),
         "base_acc": (r.base or {}).get("acc"), "epochs": (r.plan or {}).get("total"), "plan": r.plan,
         "w_theta_final": r.w_theta_final, "w_theta_final_metric": metric_distance(r),
-        "latency_speedup": lat.get("speedup"), "seconds": r.seconds,
+        "latency_speedup": lat.get("speedup"), "seconds": r.seconds, **rank_fields(r),
         "settings": {k: r.compress_config.get(k) for k in ("metric", "min_rank", "kd_weight", "mu_cap",
                                                            "lc_weight_decay", "lr_schedule", "lr_anneal", "steps")},
         "model_path": str((folder / "model.pt").relative_to(C.REPO)) if folder.is_relative_to(C.REPO)
         else str(folder / "model.pt"),
     }
+
+
+def rank_fields(r: Any) -> dict[str, Any]:
+    """What the rank figure needs from a run (λ, per-layer ranks and full ranks), kept in the summary so the figure
+    can be redrawn without the run folders."""
+    return {"lam": r.lam, "ranks": r.ranks, "full_ranks": r.full_ranks}
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -390,6 +398,10 @@ def markdown(doc: dict[str, Any]) -> str:
     figs = doc.get("figures") or []
     if figs:
         lines += ["", "## Rank distributions of the headline models (seed 0)", ""]
+        missing = doc.get("figure_missing") or []
+        if missing:
+            lines += ["Left out (their records predate the ranks in the summary and their run folders are not on the "
+                      "machine that drew the figure): " + ", ".join(DISPLAY.get(m, m) for m in missing) + ".", ""]
         lines += [f"![{Path(f).stem}]({Path(f).name})" for f in figs]
     return "\n".join(lines) + "\n"
 
@@ -410,20 +422,38 @@ def paired_line(by: dict[str, list[dict[str, Any]]], ref: str) -> str:
             if parts else "")
 
 
-def headline_figure(doc: dict[str, Any], out_stem: Path) -> list[str]:
-    """The rank distribution of each method's headline model (seed 0), one figure."""
+def headline_figure(doc: dict[str, Any], out_stem: Path) -> tuple[list[str], list[str]]:
+    """The rank distribution of each method's headline model (seed 0), one figure: (its png paths, the methods left
+    out because neither their record nor a run folder has their ranks)."""
     from ltc import plots
     from ltc.results import RunResult
 
     d, m, t = HEADLINE
-    runs = []
+    runs, missing = [], []
     for r in doc["runs"]:
-        if (r["dataset"], r["model"], r["target_sr"], r["group"], r["seed"]) == (d, m, t, "main", 0):
-            res = RunResult.read(C.REPO / Path(r["model_path"]).parent / "result.json").to_dict()
-            runs.append(res)
+        if (r["dataset"], r["model"], r["target_sr"], r["group"], r["seed"]) != (d, m, t, "main", 0):
+            continue
+        folder = (Path(r["model_path"]) if Path(r["model_path"]).is_absolute() else C.REPO / r["model_path"]).parent
+        if r.get("ranks") is not None:
+            runs.append({"kind": "compress", **{k: r.get(k) for k in ("method", "lam", "sr", "cr", "ranks",
+                                                                       "full_ranks", "model", "dataset")}})
+        elif (folder / "result.json").is_file():
+            runs.append(RunResult.read(folder / "result.json").to_dict())
+        else:
+            missing.append(r["method"])
     if not runs:
-        return []
-    return [str(p.relative_to(C.REPO)) for p in plots.plot_rank_distribution(runs, out_stem) if p.suffix == ".png"]
+        return [], missing
+    pngs = [str(p.relative_to(C.REPO) if p.is_relative_to(C.REPO) else p)
+            for p in plots.plot_rank_distribution(runs, out_stem) if p.suffix == ".png"]
+    return pngs, missing
+
+
+def draw_figure(doc: dict[str, Any], stem: Path, say: Any) -> None:
+    """Redraw the headline rank figure next to ``stem`` (the results' path without suffix) and note it in ``doc``."""
+    try:
+        doc["figures"], doc["figure_missing"] = headline_figure(doc, stem.parent / f"{stem.name}_ranks")
+    except Exception as exc:  # a figure must not cost the results
+        say(f"(no rank figure: {exc})")
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -485,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.refresh:
         refresh(doc)
+        draw_figure(doc, stem, print)
         C.write_results(stem, doc, markdown(doc))
         return 0
     doc["protocol"] = {
@@ -547,10 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"=== {row.id}: acc {_pct(rec['acc'])} % (before FT {_pct(rec['acc_before_finetune'])}), SR "
             f"{rec['sr']:.2f}, {time.perf_counter() - t0:.0f} s")
         save()
-    try:
-        doc["figures"] = headline_figure(doc, out_dir / f"{stem.name}_ranks")
-    except Exception as exc:  # a figure must not cost the results
-        say(f"(no rank figure: {exc})")
+    draw_figure(doc, stem, say)
     save()
     return 0
 

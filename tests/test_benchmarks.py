@@ -18,7 +18,8 @@ quality = pytest.importorskip("quality")
 latency = pytest.importorskip("latency")
 
 SUMMARY_RUN_KEYS = {"dataset", "model", "width", "method", "target_sr", "seed", "sr", "cr", "acc",
-                    "acc_before_finetune", "epochs", "w_theta_final", "latency_speedup", "seconds", "model_path"}
+                    "acc_before_finetune", "epochs", "w_theta_final", "latency_speedup", "seconds", "model_path",
+                    "lam", "ranks", "full_ranks"}
 
 
 def test_quality_protocol_is_the_issue_s() -> None:
@@ -234,6 +235,22 @@ def test_quality_summary_keeps_every_command_and_the_metric_distance() -> None:
     assert quality.metric_distance(R([{"distance": 0.3, "distance_metric": 0.1}], 0.3)) == 0.1
     assert quality.metric_distance(R([{"distance": 0.3, "distance_metric": None}], 0.3)) == 0.3
     assert quality.metric_distance(R([], None)) is None
+
+
+def test_quality_rank_figure_comes_from_the_records_and_names_what_it_leaves_out(tmp_path: Path,
+                                                                                 monkeypatch) -> None:
+    """The headline figure is drawn from the ranks kept in the summary, not from run folders; a record without ranks
+    whose folder is gone is left out and named, and rows that are not the headline's seed-0 main rows are ignored."""
+    monkeypatch.setattr(quality, "HEADLINE", ("digits", "small_cnn", 2.0))
+    head = {"dataset": "digits", "model": "small_cnn", "target_sr": 2.0, "group": "main", "seed": 0}
+    ltc_rec = {**head, "method": "ltc", "lam": 0.5, "sr": 2.0, "cr": 2.5, "model_path": str(tmp_path / "gone/model.pt"),
+               "ranks": {"conv1": [2, 3], "fc": None}, "full_ranks": {"conv1": [8, 16], "fc": None}}
+    old_rec = {**head, "method": "oneshot", "sr": 2.0, "cr": 2.4, "model_path": str(tmp_path / "gone/model.pt")}
+    seed1 = {**ltc_rec, "seed": 1, "method": "uniform"}
+    figs, missing = quality.headline_figure({"runs": [ltc_rec, old_rec, seed1]}, tmp_path / "ranks")
+    assert missing == ["oneshot"]
+    assert [Path(f).name for f in figs] == ["ranks.png"] and (tmp_path / "ranks.png").stat().st_size > 0
+    assert quality.headline_figure({"runs": [old_rec]}, tmp_path / "none") == ([], ["oneshot"])
 
 
 def test_quality_paired_line_pairs_by_seed_and_skips_unshared_seeds() -> None:
