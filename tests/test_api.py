@@ -371,6 +371,29 @@ def test_batchnorm_is_reestimated_after_deployment(trained_base, batches):
     assert (on.acc, off.acc) == (on.acc_before_finetune, off.acc_before_finetune)  # no fine-tuning epoch
 
 
+def test_batchnorm_can_be_reestimated_on_the_training_batches(trained_base):
+    """``bn_data='train'`` takes the statistics from the training loader (as augmented for training), ``'calibration'``
+    from the calibration images; either equals re-estimating the same deployment by hand on that loader."""
+    _, val = loaders()
+    train = DataLoader(TRAIN, batch_size=16)  # unshuffled, so that the reference sees the same batches
+    calib = DataLoader(TensorDataset(2 * TRAIN.tensors[0] + 1, TRAIN.tensors[1]), batch_size=16)  # other statistics
+    kw = dict(method="uniform", method_options={"fraction": 0.3}, finetune_epochs=0, calibration_loader=calib,
+              val_loader=val, progress=False)
+    got = {d: bn_buffers(compress(trained_base, train, bn_data=d, **kw).model) for d in ("train", "calibration")}
+    cfg = CompressConfig(method="uniform", method_options={"fraction": 0.3})
+    engine = get_method("uniform").build(copy.deepcopy(trained_base), X1, calibration=calib, **cfg.engine_kwargs())
+    engine.start()
+    plain = engine.compressed_model()
+    for d, loader in (("train", train), ("calibration", calib)):
+        want = bn_buffers(recalibrate_batchnorm(copy.deepcopy(plain), loader))
+        assert want and list(got[d]) == list(want)
+        for k in want:
+            torch.testing.assert_close(got[d][k], want[k], rtol=1e-6, atol=1e-7)
+    assert any(not torch.allclose(got["train"][k], got["calibration"][k]) for k in got["train"])
+    with pytest.raises(ValueError, match=r"bn_data.*'calibration'.*'train'"):
+        CompressConfig(target_sr=2.0, bn_data="val")
+
+
 # --------------------------------------------------------------------------------------------- resume
 RESUME_KW = dict(steps=2, epochs_per_step=1, finetune_epochs=2, skip_converged=False, seed=7, progress=False)
 

@@ -37,6 +37,7 @@ from .latency import check_memory_format, to_memory_format
 from .latency_table import RUNTIMES
 from .methods import get_method
 from .settings import (
+    BN_DATA,
     LC_LR_SCHEDULES,
     MEMORY_FORMATS,
     OPTIMIZERS,
@@ -165,7 +166,9 @@ class CompressConfig:
     step trains at the target (as gradual pruning does; :func:`gradual_targets`).
 
     Every method: ``recalibrate_bn`` re-estimates BatchNorm statistics after deployment (over ``bn_batches``
-    batches of the calibration data, all of it when ``None``) before any accuracy is measured; ``kd_weight`` in
+    batches, all of them when ``None``, of ``bn_data``: ``'calibration'``, the calibration images without
+    augmentation, or ``'train'``, the training batches as augmented for training) before any accuracy is measured;
+    ``kd_weight`` in
     [0, 1] distils from the base network during L steps and fine-tuning (``kd_temperature``; see
     :func:`ltc.train.distillation_loss`). Fine-tuning: ``finetune_lr`` with a cosine schedule.
 
@@ -224,6 +227,7 @@ class CompressConfig:
     latency_batch: int = 1
     latency_memory_format: str = "contiguous"
     recalibrate_bn: bool = True
+    bn_data: str = "calibration"
     bn_batches: int | None = None
     kd_weight: float = 0.5
     kd_temperature: float = 4.0
@@ -270,6 +274,7 @@ class CompressConfig:
         check_int("epochs", self.epochs, ge=0, optional=True)
         check_int("finetune_epochs", self.finetune_epochs, ge=0, optional=True)
         check_int("bn_batches", self.bn_batches, ge=1, optional=True)
+        check_choice("bn_data", self.bn_data, BN_DATA)
         check_int("seed", self.seed, ge=0)
         check_number("lr", self.lr, gt=0)
         check_number("finetune_lr", self.finetune_lr, gt=0)
@@ -660,7 +665,7 @@ def compress(
         acc_before = ckpt["extra"].get("acc_before")  # type: ignore[index]
     else:
         if cfg.recalibrate_bn:
-            recalibrate_batchnorm(small, calib, cfg.bn_batches)
+            recalibrate_batchnorm(small, train_loader if cfg.bn_data == "train" else calib, cfg.bn_batches)
         acc_before = _acc(small, val_loader, device, cfg)
     # LC epochs skipped once converged go to fine-tuning (whole epochs: a fraction of one is counted as one)
     lc_epochs = plan.lc_epochs_of(lc_done)

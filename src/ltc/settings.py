@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 __all__ = [
+    "BN_DATA",
     "COSTS",
     "LC_LR_SCHEDULES",
     "METRICS",
@@ -40,6 +41,9 @@ MEMORY_FORMATS = ("contiguous", "channels_last")
 """Layouts a network is timed and run in under eager PyTorch: NCHW (PyTorch's default) or NHWC weights."""
 TARGET_SCHEDULES = ("fixed", "gradual")
 """How budget mode reaches ``target_sr`` over the C steps: at every C step, or a step at a time (:mod:`ltc.api`)."""
+BN_DATA = ("calibration", "train")
+"""What BatchNorm statistics are re-estimated on after deployment: the calibration images (no augmentation) or the
+training batches as augmented for training."""
 LC_LR_SCHEDULES = ("cosine", "restart")
 """How the L steps' learning rate moves: held, then annealed over the last ``lr_anneal`` of the LC epochs (cosine), or
 restarted each L step (:mod:`ltc.api`)."""
