@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -476,10 +477,26 @@ def test_layer_analysis_and_finetune(runs_dir: Path, capsys: pytest.CaptureFixtu
     ft = RunResult.read(runs_dir / "layers_c23_ft" / "result.json")
     assert ft.label == "Conv2-3 +ft1" and ft.finetune["epochs"] == 1
     assert ft.finetune["acc_before"] == res.compressed["acc"]
+    # distilled from the run's base, as ltc compress fine-tunes (compress.kd_weight's default)
+    assert "distilled from" in out and Path(ft.finetune["teacher"]) == Path(res.base_run)
+    assert ft.finetune["kd_weight"] == ltc.CompressConfig.default("kd_weight") > 0
     assert ft.ranks == res.ranks and ft.compressed["macs"] == res.compressed["macs"]  # ranks stay fixed
     before, after = (ltc.load(runs_dir / d / "model.pt") for d in ("layers_c23", "layers_c23_ft"))
     assert not same_weights(before, after)  # trained
     assert ft.compressed["acc"] == pytest.approx(ft.finetune["history"][-1]["val_acc"])
+    # kd_weight 0: cross-entropy only, nothing named as teacher; a base that moved: said, and cross-entropy only
+    code, out, _ = run(["finetune", "--run", str(runs_dir / "layers_c23"), "--epochs", "1", "--set",
+                        "compress.kd_weight=0", "--out", str(runs_dir / "layers_c23_ce"), *QUIET], capsys)
+    ce = RunResult.read(runs_dir / "layers_c23_ce" / "result.json")
+    assert code == 0 and "distilled" not in out and ce.finetune["teacher"] is None and ce.finetune["kd_weight"] == 0
+    moved = runs_dir / "layers_c23_moved"
+    shutil.copytree(runs_dir / "layers_c23", moved)
+    doc = json.loads((moved / "result.json").read_text())
+    doc["base_run"] = str(runs_dir / "no_such_base")
+    (moved / "result.json").write_text(json.dumps(doc))
+    code, out, _ = run(["finetune", "--run", str(moved), "--epochs", "1", *QUIET], capsys)
+    assert code == 0 and "no distillation: the run's base" in out and "no_such_base" in out
+    assert RunResult.read(runs_dir / "layers_c23_moved_ft" / "result.json").finetune["teacher"] is None
 
 
 def test_report_and_plot(runs_dir: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

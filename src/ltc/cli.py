@@ -289,8 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     # finetune
     p = add("finetune", "fine-tune a (compressed) model for more epochs",
-            "More fine-tuning of a run's model (ranks fixed). Writes a new run folder (default <RUN>_ft) with the "
-            "updated result.json, so both stay comparable in reports.")
+            "More fine-tuning of a run's model (ranks fixed), with ltc compress's fine-tuning recipe: SGD, cosine, "
+            "and a compressed run distilled from its base (compress.kd_weight, default 0.5; 0 for cross-entropy "
+            "only). Writes a new run folder (default <RUN>_ft) with the updated result.json, so both stay "
+            "comparable in reports.")
     p.add_argument("--run", required=True, metavar="RUN", help="run folder or model file")
     p.add_argument("--epochs", type=int, required=True, help="epochs")
     p.add_argument("--lr", type=float, help="learning rate (default compress.finetune_lr, 0.01)")

@@ -352,14 +352,18 @@ def finetune_run(cfg: dict[str, Any], src_ref: str | Path, out: Path | None, *, 
     c = CompressConfig(**{**cfgmod.compress_config(cfg, need_ranks=False).to_dict(),
                          **({"finetune_lr": lr} if lr else {})})
     prev = src.result.get("compressed", {}).get("acc") if src.result.get("kind") != "train" else src.result.get("acc")
-    say(f"[finetune] {src.name} from {src.path}: {epochs} epochs at lr {c.finetune_lr:g} on {device} -> {out}")
+    teacher_ref = _finetune_teacher_ref(src, c.kd_weight, say)
+    teacher = runs.load_model(teacher_ref).model.to(device).eval().requires_grad_(False) if teacher_ref else None
+    kd = f", distilled from {teacher_ref} (weight {c.kd_weight:g})" if teacher is not None else ""
+    say(f"[finetune] {src.name} from {src.path}: {epochs} epochs at lr {c.finetune_lr:g}{kd} on {device} -> {out}")
     model = src.model.to(device)
     history = fit(model, train_loader, val_loader, epochs=epochs,
                   opt_cfg={"name": c.optimizer, "lr": c.finetune_lr, "momentum": c.momentum, "nesterov": c.nesterov,
                            "weight_decay": c.weight_decay},
                   sched_cfg={"name": "cosine"}, device=device, checkpoint_path=out / runs.TRAIN_CHECKPOINT,
                   resume=resume, writer="ltc.finetune", log=RunLog(out), progress=progress,
-                  label_smoothing=c.label_smoothing, seed=cfg["run"]["seed"])
+                  label_smoothing=c.label_smoothing, seed=cfg["run"]["seed"], teacher=teacher,
+                  kd_weight=c.kd_weight if teacher is not None else 0.0, kd_temperature=c.kd_temperature)
     acc = history[-1].get("val_acc") if history else None
     model = model.cpu().eval()
     prof = profile(model, _example(bundle.input_shape))
@@ -374,7 +378,8 @@ def finetune_run(cfg: dict[str, Any], src_ref: str | Path, out: Path | None, *, 
         result.compressed = {**(result.compressed or {}), "acc": acc, "macs": prof.macs, "params": prof.params}
         result.label = f"{result.label or result.method or 'model'} +ft{epochs}"
     result.finetune = {"from": str(src.path), "epochs": epochs, "lr": c.finetune_lr, "acc_before": prev,
-                       "history": history}
+                       "teacher": str(teacher_ref) if teacher_ref else None,
+                       "kd_weight": c.kd_weight if teacher is not None else 0.0, "history": history}
     result.data = info
     meta = dict(src.meta)
     meta.update({"acc": acc, "data": info})
@@ -382,6 +387,23 @@ def finetune_run(cfg: dict[str, Any], src_ref: str | Path, out: Path | None, *, 
     result.write(out / runs.RESULT_NAME)
     say(f"[finetune] val acc {_pct(prev)} % -> {_pct(acc)} %; saved {out / runs.MODEL_NAME}")
     return result
+
+
+def _finetune_teacher_ref(src: runs.LoadedModel, kd_weight: float, say: Say) -> Path | None:
+    """The base run a compressed run was made from, to distil from as ``ltc compress`` fine-tunes (``None``: no
+    distillation, because ``kd_weight`` is 0, the model is not a compressed run, or its base is not found)."""
+    if kd_weight <= 0 or src.result.get("kind") != "compress":
+        return None
+    ref = src.result.get("base_run")
+    if not ref:
+        say("[finetune] no distillation: the run does not name its base (result.json has no base_run)")
+        return None
+    path = Path(ref).expanduser()
+    if not path.exists():
+        say(f"[finetune] no distillation: the run's base {ref} is not found (moved?); fine-tuning with "
+            "cross-entropy only (pass --set compress.kd_weight=0 to ask for that and silence this line)")
+        return None
+    return path
 
 
 # =============================================================================================== eval
