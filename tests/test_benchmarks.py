@@ -16,6 +16,7 @@ from ltc import models
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 quality = pytest.importorskip("quality")
 latency = pytest.importorskip("latency")
+batchnorm = pytest.importorskip("batchnorm")
 
 SUMMARY_RUN_KEYS = {"dataset", "model", "width", "method", "target_sr", "seed", "sr", "cr", "acc",
                     "acc_before_finetune", "epochs", "w_theta_final", "latency_speedup", "seconds", "model_path",
@@ -281,3 +282,30 @@ def test_quality_records_a_target_the_method_cannot_reach_and_goes_on(tmp_path: 
     assert "refused  digits/small_cnn/oneshot/sr1000/seed0" in capsys.readouterr().out
     assert quality.main(argv) == 0
     assert "=== digits/small_cnn/oneshot/sr1000" not in capsys.readouterr().out
+
+
+def test_batchnorm_benchmark_measures_each_source_on_a_copy() -> None:
+    """Each way of getting the statistics is measured on a copy (the model keeps its own), 'calibration' equals a
+    re-estimation by hand on the calibration loader, and the markdown reports the difference of the two sources."""
+    import copy
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ltc.batchnorm import recalibrate_batchnorm
+    from ltc.train import evaluate
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 1, 16, 16, generator=g), torch.arange(96) % 4
+    train = DataLoader(TensorDataset(x + 1.0, y), batch_size=8)  # other statistics than the calibration images
+    calib = DataLoader(TensorDataset(x, y), batch_size=16)
+    val = DataLoader(TensorDataset(x[:32], y[:32]), batch_size=16)
+    model = models.create("small_cnn", num_classes=4, in_channels=1, width=0.25).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    acc = batchnorm.accuracies(model, train, val, calib)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert acc["stored"] == evaluate(model, val).acc
+    assert acc["calibration"] == evaluate(recalibrate_batchnorm(copy.deepcopy(model), calib), val).acc
+    doc = {"command": "c", "date": "d", "machine": {"cpu": "cpu", "cpu_count": 2, "torch": "t"}, "commit": "x",
+           "rows": [{"model": "m", "network": "base", "acc": {"stored": 0.5, "calibration": 0.25, "train16": 0.3,
+                                                            "train": 0.75}}]}
+    assert "| m | base | 50.00 | 25.00 | 30.00 | 75.00 | +50.00 |" in batchnorm.markdown(doc)
