@@ -105,8 +105,13 @@ ABLATION: list[tuple[str, str, dict[str, Any]]] = [
     ("ltc+defaults+anneal0.4", "ltc", {**DEFAULTS, "lr_anneal": 0.4}),
     ("ltc+defaults+ft-lr0.05", "ltc", {**DEFAULTS, "finetune_lr": 0.05}),
     # distillation from the base weighted 0.9 instead of 0.5 (the usual CIFAR weight at temperature 4), LTC and
-    # one-shot alike: does a stronger teacher signal close part of the gap to the base for every method?
+    # one-shot alike: does a stronger teacher signal close part of the gap to the base? (LTC gained 0.10 on seed 0,
+    # so the one-shot row was not run)
     ("ltc+defaults+kd0.9", "ltc", {**DEFAULTS, "kd_weight": 0.9}),
+    # BatchNorm re-estimated after deployment on the augmented training batches (one pass) instead of the 2048
+    # calibration images without augmentation: on the trained bases the calibration images cost 0.6-1.4 points
+    # against the stored statistics and the augmented batches none; is part of the 3-point drop at deployment that?
+    ("ltc+defaults+bn-train", "ltc", {**DEFAULTS, "bn_data": "train"}),
     # steps / lc_weight_decay do nothing for one-shot; pinned to the values this row ran with (adding the field
     # lr_anneal moved every folder hash: finished rows are found by id, a --redo starts a new folder)
     ("oneshot-weight", "oneshot", {"metric": "weight", "min_rank": 1, "kd_weight": 0.0, "steps": 10,
@@ -114,12 +119,11 @@ ABLATION: list[tuple[str, str, dict[str, Any]]] = [
     ("oneshot-data", "oneshot", {"metric": "data", "centered": True, "min_rank": 1, "kd_weight": 0.0}),
     ("oneshot-data+floor+kd", "oneshot", {"metric": "data", "centered": True, "min_rank": 2, "kd_weight": 0.5}),
     ("oneshot-data+floor4+kd", "oneshot", {"metric": "data", "centered": True, "min_rank": 4, "kd_weight": 0.5}),
-    ("oneshot+kd0.9", "oneshot", {"kd_weight": 0.9}),
 ]
 # rows that only explain a choice: seed 0 only (the uncentred data metric lost to the centred one; see ltc.engine)
 SEED0_ONLY = {"ltc+schedule/5+data(uncentered)", "ltc+schedule", "ltc+schedule/5+data+floor4+kd",
               "oneshot-data+floor4+kd", "ltc+defaults+anneal0.4", "ltc+defaults+ft-lr0.05", "ltc+defaults+kd0.9",
-              "oneshot+kd0.9"}
+              "ltc+defaults+bn-train"}
 # Quality at a measured speed-up (issue 14): LTC with the measured-latency cost (target_speedup, eager PyTorch,
 # batch 1, 2 threads, NCHW: channels_last makes this small network slower, latency_channels_last.md) against the
 # headline's MAC-cost LTC (SR 10), same base and budget, both timed in the run on the same machine. MAC-cost Tucker-2
@@ -322,7 +326,8 @@ def run_record(row: Row, folder: Path) -> dict[str, Any]:
         "w_theta_final": r.w_theta_final, "w_theta_final_metric": metric_distance(r),
         "latency_speedup": lat.get("speedup"), "seconds": r.seconds, **rank_fields(r),
         "settings": {k: r.compress_config.get(k) for k in ("metric", "min_rank", "kd_weight", "mu_cap",
-                                                           "lc_weight_decay", "lr_schedule", "lr_anneal", "steps")},
+                                                           "lc_weight_decay", "lr_schedule", "lr_anneal", "steps",
+                                                           "bn_data")},
         "model_path": str((folder / "model.pt").relative_to(C.REPO)) if folder.is_relative_to(C.REPO)
         else str(folder / "model.pt"),
     }
@@ -448,8 +453,12 @@ def headline_figure(doc: dict[str, Any], out_stem: Path) -> tuple[list[str], lis
             missing.append(r["method"])
     if not runs:
         return [], missing
-    pngs = [str(p.relative_to(C.REPO) if p.is_relative_to(C.REPO) else p)
-            for p in plots.plot_rank_distribution(runs, out_stem) if p.suffix == ".png"]
+    pngs = []
+    for p in plots.plot_rank_distribution(runs, out_stem):
+        if p.suffix == ".png":
+            pngs.append(str(p.relative_to(C.REPO) if p.is_relative_to(C.REPO) else p))
+        else:  # the summary links the png; a pdf beside it would only go stale
+            p.unlink(missing_ok=True)
     return pngs, missing
 
 
