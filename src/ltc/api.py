@@ -168,8 +168,7 @@ class CompressConfig:
     Every method: ``recalibrate_bn`` re-estimates BatchNorm statistics after deployment (over ``bn_batches``
     batches, all of them when ``None``, of ``bn_data``: ``'calibration'``, the calibration images without
     augmentation, or ``'train'``, the training batches as augmented for training) before any accuracy is measured;
-    ``kd_weight`` in
-    [0, 1] distils from the base network during L steps and fine-tuning (``kd_temperature``; see
+    ``kd_weight`` in [0, 1] distils from the base network during L steps and fine-tuning (``kd_temperature``; see
     :func:`ltc.train.distillation_loss`). Fine-tuning: ``finetune_lr`` with a cosine schedule.
 
     Defaults differ from the SPEC where the ablation (``benchmarks/results/quality_summary.md``, resnet34_cifar
