@@ -122,8 +122,7 @@ ABLATION: list[tuple[str, str, dict[str, Any]]] = [
 ]
 # rows that only explain a choice: seed 0 only (the uncentred data metric lost to the centred one; see ltc.engine)
 SEED0_ONLY = {"ltc+schedule/5+data(uncentered)", "ltc+schedule", "ltc+schedule/5+data+floor4+kd",
-              "oneshot-data+floor4+kd", "ltc+defaults+anneal0.4", "ltc+defaults+ft-lr0.05", "ltc+defaults+kd0.9",
-              "ltc+defaults+bn-train"}
+              "oneshot-data+floor4+kd", "ltc+defaults+anneal0.4", "ltc+defaults+ft-lr0.05", "ltc+defaults+kd0.9"}
 # Quality at a measured speed-up (issue 14): LTC with the measured-latency cost (target_speedup, eager PyTorch,
 # batch 1, 2 threads, NCHW: channels_last makes this small network slower, latency_channels_last.md) against the
 # headline's MAC-cost LTC (SR 10), same base and budget, both timed in the run on the same machine. MAC-cost Tucker-2
