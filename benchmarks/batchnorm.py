@@ -40,14 +40,13 @@ HEADER = {"stored": "stored statistics", "calibration": "calibration images (no 
 def loaders(ref: Path) -> tuple[Any, Any, Any, Any]:
     """The model of ``ref``, its seeded train / val loaders and its calibration loader, as ``ltc compress`` has them."""
     from ltc import config as cfgmod
-    from ltc import data as ltc_data
     from ltc import pipelines, runs
 
     loaded = runs.load_model(ref)
     cfg = cfgmod.load_config(overrides={"data": {"batch_size": 128}})
     bundle, info = pipelines.build_data(cfg, loaded)
     train, val = pipelines.make_loaders(bundle, cfg, info["seed"])
-    calib = ltc_data.calibration_loader(bundle, pipelines.CALIBRATION_IMAGES, seed=info["seed"])
+    calib = pipelines.calibration_images(bundle, info["seed"])
     return loaded, train, val, calib
 
 

@@ -264,13 +264,18 @@ def _commands(protocol: dict[str, Any]) -> list[dict[str, Any]]:
             if protocol.get("command") else [])
 
 
+def model_path(rec: dict[str, Any]) -> Path:
+    """A summary record's model file (``model_path`` is kept relative to the repository when it lies inside it)."""
+    path = Path(rec["model_path"])
+    return path if path.is_absolute() else C.REPO / path
+
+
 def refresh(doc: dict[str, Any]) -> None:
     """Re-derive the fields a later version of this script adds from each finished run's own result.json."""
     from ltc.results import RunResult
 
     for rec in doc["runs"]:
-        path = Path(rec["model_path"])
-        folder = (path if path.is_absolute() else C.REPO / path).parent
+        folder = model_path(rec).parent
         if (folder / "result.json").is_file():
             r = RunResult.read(folder / "result.json")
             rec["w_theta_final_metric"] = metric_distance(r)
@@ -289,8 +294,7 @@ def remeasure(doc: dict[str, Any], repeats: int, threads: int, say: Any, only: s
 
     bases = {(b["dataset"], b["model"]): runs.load_model(b["path"]) for b in doc["bases"]}
     for rec in doc["runs"]:
-        path = Path(rec["model_path"])
-        path = path if path.is_absolute() else C.REPO / path
+        path = model_path(rec)
         base = bases.get((rec["dataset"], rec["model"]))
         if base is None or not path.is_file() or (only and not re.search(only, rec["id"])):
             continue
@@ -442,7 +446,7 @@ def headline_figure(doc: dict[str, Any], out_stem: Path) -> tuple[list[str], lis
     for r in doc["runs"]:
         if (r["dataset"], r["model"], r["target_sr"], r["group"], r["seed"]) != (d, m, t, "main", 0):
             continue
-        folder = (Path(r["model_path"]) if Path(r["model_path"]).is_absolute() else C.REPO / r["model_path"]).parent
+        folder = model_path(r).parent
         if r.get("ranks") is not None:
             runs.append({"kind": "compress", **{k: r.get(k) for k in ("method", "lam", "sr", "cr", "ranks",
                                                                        "full_ranks", "model", "dataset")}})

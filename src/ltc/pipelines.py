@@ -354,7 +354,8 @@ def finetune_run(cfg: dict[str, Any], src_ref: str | Path, out: Path | None, *, 
     prev = src.result.get("compressed", {}).get("acc") if src.result.get("kind") != "train" else src.result.get("acc")
     teacher_ref = _finetune_teacher_ref(src, c.kd_weight, say)
     teacher = runs.load_model(teacher_ref).model.to(device).eval().requires_grad_(False) if teacher_ref else None
-    kd = f", distilled from {teacher_ref} (weight {c.kd_weight:g})" if teacher is not None else ""
+    kd_weight = c.kd_weight if teacher is not None else 0.0
+    kd = f", distilled from {teacher_ref} (weight {kd_weight:g})" if teacher is not None else ""
     say(f"[finetune] {src.name} from {src.path}: {epochs} epochs at lr {c.finetune_lr:g}{kd} on {device} -> {out}")
     model = src.model.to(device)
     history = fit(model, train_loader, val_loader, epochs=epochs,
@@ -363,7 +364,7 @@ def finetune_run(cfg: dict[str, Any], src_ref: str | Path, out: Path | None, *, 
                   sched_cfg={"name": "cosine"}, device=device, checkpoint_path=out / runs.TRAIN_CHECKPOINT,
                   resume=resume, writer="ltc.finetune", log=RunLog(out), progress=progress,
                   label_smoothing=c.label_smoothing, seed=cfg["run"]["seed"], teacher=teacher,
-                  kd_weight=c.kd_weight if teacher is not None else 0.0, kd_temperature=c.kd_temperature)
+                  kd_weight=kd_weight, kd_temperature=c.kd_temperature)
     acc = history[-1].get("val_acc") if history else None
     model = model.cpu().eval()
     prof = profile(model, _example(bundle.input_shape))
@@ -379,7 +380,7 @@ def finetune_run(cfg: dict[str, Any], src_ref: str | Path, out: Path | None, *, 
         result.label = f"{result.label or result.method or 'model'} +ft{epochs}"
     result.finetune = {"from": str(src.path), "epochs": epochs, "lr": c.finetune_lr, "acc_before": prev,
                        "teacher": str(teacher_ref) if teacher_ref else None,
-                       "kd_weight": c.kd_weight if teacher is not None else 0.0, "history": history}
+                       "kd_weight": kd_weight, "history": history}
     result.data = info
     meta = dict(src.meta)
     meta.update({"acc": acc, "data": info})
