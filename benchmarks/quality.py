@@ -112,6 +112,10 @@ ABLATION: list[tuple[str, str, dict[str, Any]]] = [
     # calibration images without augmentation: on the trained bases the calibration images cost 0.6-1.4 points
     # against the stored statistics and the augmented batches none; is part of the 3-point drop at deployment that?
     ("ltc+defaults+bn-train", "ltc", {**DEFAULTS, "bn_data": "train"}),
+    # each layer's relative error in the C step (and penalty) weighed by its loss sensitivity, the Fisher information
+    # of its output (ltc.metrics.collect_output_sensitivity, once on the base), instead of all layers alike: does
+    # the allocation improve? LTC and one-shot alike
+    ("ltc+defaults+fisher", "ltc", {**DEFAULTS, "weighting": "fisher"}),
     # steps / lc_weight_decay do nothing for one-shot; pinned to the values this row ran with (adding the field
     # lr_anneal moved every folder hash: finished rows are found by id, a --redo starts a new folder)
     ("oneshot-weight", "oneshot", {"metric": "weight", "min_rank": 1, "kd_weight": 0.0, "steps": 10,
@@ -119,6 +123,8 @@ ABLATION: list[tuple[str, str, dict[str, Any]]] = [
     ("oneshot-data", "oneshot", {"metric": "data", "centered": True, "min_rank": 1, "kd_weight": 0.0}),
     ("oneshot-data+floor+kd", "oneshot", {"metric": "data", "centered": True, "min_rank": 2, "kd_weight": 0.5}),
     ("oneshot-data+floor4+kd", "oneshot", {"metric": "data", "centered": True, "min_rank": 4, "kd_weight": 0.5}),
+    ("oneshot-data+floor+kd+fisher", "oneshot", {"metric": "data", "centered": True, "min_rank": 2, "kd_weight": 0.5,
+                                                 "weighting": "fisher"}),
 ]
 # rows that only explain a choice: seed 0 only (the uncentred data metric lost to the centred one; see ltc.engine)
 SEED0_ONLY = {"ltc+schedule/5+data(uncentered)", "ltc+schedule", "ltc+schedule/5+data+floor4+kd",

@@ -203,7 +203,8 @@ def _compress_opts(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     f("--mu-growth", key="compress.mu_growth", type=float,
       help="μ grows by this factor per step (default: automatic, so that the last L step closes W − Θ)")
     f("--weighting", key="compress.weighting", choices=WEIGHTINGS,
-      help="compare layers' errors relative to their weight norms (default) or in absolute terms (SPEC §3)")
+      help="compare layers' errors relative to their weight norms (default), in absolute terms (SPEC §3), or "
+           "relative and weighted by each layer's loss sensitivity (Fisher, on the calibration images)")
     f("--metric", key="compress.metric", choices=METRICS,
       help="measure each layer's error on its inputs ('data', default) or in weight space (the slides)")
     f("--cost", key="compress.cost", choices=COSTS,

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from .cost import LayerGeometry, dense_cost, profile, record_geometry
 from .layers import check_decomposable_conv
-from .metrics import Whitening, collect_input_moments, metric_mode, whitening_from_moment
+from .metrics import Whitening, collect_input_moments, collect_output_sensitivity, metric_mode, whitening_from_moment
 from .schemes import Candidates, Scheme, get_scheme
 from .settings import COSTS, METRICS, WEIGHTINGS, check_choice, check_int, check_number
 from .surgery import replace_modules, unwrap
@@ -237,7 +237,10 @@ class LCEngine:
             C-step error by ``w_k = mean_j E_j / E_k`` with ``E_k`` its reference weight energy in the metric
             (``‖W_k‖²``, or ``‖W_k ×_in L_k‖²`` for the data metric), so that rank allocation trades *relative*
             errors: with BatchNorm a conv's weight scale is arbitrary, and absolute errors would starve the layers
-            whose weights happen to be small. ``'absolute'``: ``w_k = 1`` (SPEC §3 as written).
+            whose weights happen to be small. ``'absolute'``: ``w_k = 1`` (SPEC §3 as written). ``'fisher'``:
+            the relative weights times each layer's loss sensitivity ``F_k`` (normalised to a geometric mean of 1;
+            :func:`ltc.metrics.collect_output_sensitivity`), measured once on the reference weights and the
+            calibration inputs, so that layers whose relative output error costs the loss more keep more rank.
         metric: ``'weight'`` (SPEC §3) or ``'data'`` (:mod:`ltc.metrics`: the layer's output error on
             ``calibration_images`` calibration inputs, refreshed at every C step).
         centered: the data metric measures the inputs' covariance (default) rather than their second moment: the
@@ -263,6 +266,9 @@ class LCEngine:
         if cfg.metric == "data" and calibration is None:
             raise ValueError("metric='data' needs calibration inputs: pass calibration=loader (a few hundred "
                              "training images) or metric='weight'")
+        if cfg.weighting == "fisher" and calibration is None:
+            raise ValueError("weighting='fisher' needs calibration inputs: pass calibration=loader (a few hundred "
+                             "training images) or weighting='relative'")
         if cfg.cost == "latency" and latency_table is None:
             raise ValueError("cost='latency' needs a latency_table (ltc.latency_table.LatencyTable.build(model, x)); "
                              "or use cost='macs'")
@@ -331,12 +337,29 @@ class LCEngine:
         if self._prepared:
             return
         self._refresh_metric()
-        if self.weighting == "relative":
+        if self.weighting in ("relative", "fisher"):
             energy = {n: float(s.to_metric(s.theta.double()).square().sum()) for n, s in self.layers.items()}
             mean = sum(energy.values()) / len(energy)
             for n, s in self.layers.items():
                 s.scale = mean / energy[n] if energy[n] > 0 else 1.0
+        if self.weighting == "fisher":
+            for n, f in self._fisher_factors().items():
+                self.layers[n].scale *= f
         self._prepared = True
+
+    def _fisher_factors(self) -> dict[str, float]:
+        """``{name: F_k / geomean_j F_j}`` (:func:`ltc.metrics.collect_output_sensitivity` on the reference weights),
+        the same on every process."""
+        sens = collect_output_sensitivity(self.model, list(self.layers), self.calibration,
+                                          self.settings.calibration_images)
+        floor = max(max(sens.values()), 1e-300) * 1e-12  # a layer the loss ignores still gets a (tiny) weight
+        logs = {n: math.log(max(v, floor)) for n, v in sens.items()}
+        mid = sum(logs.values()) / len(logs)
+        factors = torch.tensor([math.exp(v - mid) for v in logs.values()], dtype=torch.float64)
+        if _is_distributed():
+            factors = factors.to(next(iter(self.layers.values())).weight.device)
+            torch.distributed.broadcast(factors, src=0)
+        return dict(zip(logs, factors.tolist(), strict=True))
 
     def start(self) -> None:
         """The first C step: on the reference weights at ``mu0`` with ``φ = 0`` (a no-op once started)."""

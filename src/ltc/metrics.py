@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Whitening", "collect_input_moments", "whitening_from_moment", "input_batches", "metric_mode"]
+__all__ = ["Whitening", "collect_input_moments", "collect_output_sensitivity", "whitening_from_moment", "input_batches",
+           "metric_mode"]
 
 
 @dataclass
@@ -173,3 +174,71 @@ def whitening_from_moment(sigma: Tensor, mode: str, damping: float = 0.01) -> Wh
     L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
     curvature = float(torch.linalg.eigvalsh(s)[-1]) if d else 1.0
     return Whitening(L, L_inv, mode, curvature)
+
+
+def collect_output_sensitivity(
+    model: nn.Module, layers: list[str], data: Any, images: int = 512, *, seed: int = 0
+) -> dict[str, float]:
+    """``{name: F_k}``: how much the loss cares about a *relative* error in each named layer's output.
+
+    ``F_k = E‖g_k‖² · E‖y_k − ȳ_k‖² / n_k``, per image: ``y_k`` the layer's output (``n_k`` elements, ``ȳ_k`` its
+    per-channel mean), ``g_k = ∂ℓ/∂y_k`` with ``ℓ = −log p(ŷ | x)`` at a label ``ŷ`` drawn from the model's own
+    softmax (the Fisher information; no labels needed), over the first ``images`` samples of ``data``. Under the
+    Kronecker-factored approximation with isotropic output gradients, perturbing the output by ``Δy`` with
+    ``‖Δy‖² = δ²·‖y − ȳ‖²`` raises the expected loss by ``½·F_k·δ²``: ``F_k`` puts layers' relative errors on the
+    loss's scale. The model must return ``(N, classes)`` logits; it runs in eval mode (no BatchNorm coupling, so the
+    batch's output gradient is every image's own) and no parameter's ``.grad`` is touched."""
+    modules = dict(model.named_modules())
+    g2 = {n: 0.0 for n in layers}
+    s1: dict[str, Tensor] = {}
+    s2: dict[str, Tensor] = {}
+    count = {n: 0 for n in layers}  # images seen by each layer
+    per_image = {n: 0 for n in layers}  # n_k
+
+    def hook(name: str) -> Any:
+        def fn(_mod: nn.Module, _inputs: tuple[Any, ...], out: Any) -> None:
+            if not isinstance(out, Tensor):
+                return
+            y = out.detach().double()
+            ch = y.movedim(1, -1).reshape(-1, y.shape[1]) if y.dim() > 2 else y.reshape(-1, y.shape[-1])
+            s1[name] = ch.sum(0) + s1.get(name, 0)
+            s2[name] = ch.square().sum(0) + s2.get(name, 0)
+            count[name] += y.shape[0]
+            per_image[name] = y[0].numel()
+            if out.requires_grad:
+                out.register_hook(lambda g: g2.__setitem__(name, g2[name] + float(g.double().square().sum())))
+
+        return fn
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in layers]
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        with torch.enable_grad():
+            for x in input_batches(data, images):
+                x = x.to(device).requires_grad_(True)
+                logits = model(x)
+                if not isinstance(logits, Tensor) or logits.dim() != 2:
+                    shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+                    raise ValueError(f"weighting='fisher' needs a classifier returning (N, classes) logits; the model "
+                                     f"returned {shape}: use weighting='relative'")
+                probs = torch.softmax(logits.detach().double().cpu(), dim=1)
+                labels = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(logits.device)
+                loss = F.cross_entropy(logits, labels, reduction="sum")
+                torch.autograd.grad(loss, [x])
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in flags:
+            m.training = t
+    missing = [n for n in layers if count[n] == 0]
+    if missing:
+        raise ValueError(f"layers {missing[:5]} were not called by the forward pass of the calibration data")
+    out = {}
+    for n in layers:
+        rows = count[n] * per_image[n] / s1[n].numel()  # (image, position) pairs per channel
+        energy = float((s2[n] - s1[n].square() / rows).sum()) / count[n]
+        out[n] = (g2[n] / count[n]) * energy / per_image[n]
+    return out

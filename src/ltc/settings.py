@@ -33,7 +33,7 @@ SCHEDULES = ("cosine", "step", "exp", "none")
 """Learning-rate schedules of :func:`ltc.train.make_scheduler`."""
 COSTS = ("macs", "params", "latency")
 """What the C step trades against the error: MACs, parameters, or measured latency (a per-layer table)."""
-WEIGHTINGS = ("relative", "absolute")
+WEIGHTINGS = ("relative", "absolute", "fisher")
 """How layers' errors compare in the C step (see :class:`~ltc.engine.LCEngine`)."""
 METRICS = ("weight", "data")
 """How a layer's approximation error is measured: in weight space, or on the layer's inputs (data-aware)."""
