@@ -114,7 +114,8 @@ ABLATION: list[tuple[str, str, dict[str, Any]]] = [
     ("ltc+defaults+bn-train", "ltc", {**DEFAULTS, "bn_data": "train"}),
     # each layer's relative error in the C step (and penalty) weighed by its loss sensitivity, the Fisher information
     # of its output (ltc.metrics.collect_output_sensitivity, once on the base), instead of all layers alike: does
-    # the allocation improve? LTC and one-shot alike
+    # the allocation improve? LTC and one-shot alike (seed 0: both level, −0.30 / −0.34, both higher before fine-tuning,
+    # +1.66 / +2.94, so seeds 1-2 were not run)
     ("ltc+defaults+fisher", "ltc", {**DEFAULTS, "weighting": "fisher"}),
     # steps / lc_weight_decay do nothing for one-shot; pinned to the values this row ran with (adding the field
     # lr_anneal moved every folder hash: finished rows are found by id, a --redo starts a new folder)
@@ -128,7 +129,8 @@ ABLATION: list[tuple[str, str, dict[str, Any]]] = [
 ]
 # rows that only explain a choice: seed 0 only (the uncentred data metric lost to the centred one; see ltc.engine)
 SEED0_ONLY = {"ltc+schedule/5+data(uncentered)", "ltc+schedule", "ltc+schedule/5+data+floor4+kd",
-              "oneshot-data+floor4+kd", "ltc+defaults+anneal0.4", "ltc+defaults+ft-lr0.05", "ltc+defaults+kd0.9"}
+              "oneshot-data+floor4+kd", "ltc+defaults+anneal0.4", "ltc+defaults+ft-lr0.05", "ltc+defaults+kd0.9",
+              "ltc+defaults+fisher", "oneshot-data+floor+kd+fisher"}
 # Quality at a measured speed-up (issue 14): LTC with the measured-latency cost (target_speedup, eager PyTorch,
 # batch 1, 2 threads, NCHW: channels_last makes this small network slower, latency_channels_last.md) against the
 # headline's MAC-cost LTC (SR 10), same base and budget, both timed in the run on the same machine. MAC-cost Tucker-2
