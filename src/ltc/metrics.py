@@ -14,6 +14,7 @@ layer has the same ranks and is still three real convs. Pure tensor code plus fo
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -105,6 +106,28 @@ def input_batches(data: Any, images: int) -> Iterator[Tensor]:
         raise ValueError("the calibration data yielded no images; pass a loader or tensor of training inputs")
 
 
+@contextlib.contextmanager
+def _hooked_eval(model: nn.Module, hooks: dict[nn.Module, Any]) -> Iterator[torch.device]:
+    """Forward hooks on, every module in eval mode, for a calibration pass; yields the model's device. The hooks
+    are removed and each module's train/eval flag restored on the way out."""
+    handles = [m.register_forward_hook(h) for m, h in hooks.items()]
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield next((p.device for p in model.parameters()), torch.device("cpu"))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in flags:
+            m.training = t
+
+
+def _check_called(counts: dict[str, int]) -> None:
+    missing = [n for n, c in counts.items() if c == 0]
+    if missing:
+        raise ValueError(f"layers {missing[:5]} were not called by the forward pass of the calibration data")
+
+
 @torch.no_grad()
 def collect_input_moments(
     model: nn.Module, layers: dict[str, str], data: Any, images: int = 512, *, centered: bool = False
@@ -128,21 +151,10 @@ def collect_input_moments(
 
         return fn
 
-    handles = [modules[n].register_forward_hook(hook(n, m)) for n, m in layers.items()]
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    try:
+    with _hooked_eval(model, {modules[n]: hook(n, m) for n, m in layers.items()}) as device:
         for x in input_batches(data, images):
             model(x.to(device))
-    finally:
-        for h in handles:
-            h.remove()
-        for m, t in flags:
-            m.training = t
-    missing = [n for n in layers if counts[n] == 0]
-    if missing:
-        raise ValueError(f"layers {missing[:5]} were not called by the forward pass of the calibration data")
+    _check_called(counts)
     out = {}
     for n in layers:
         m2 = sums[n] / counts[n]
@@ -210,32 +222,20 @@ def collect_output_sensitivity(
 
         return fn
 
-    handles = [modules[n].register_forward_hook(hook(n)) for n in layers]
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     gen = torch.Generator().manual_seed(seed)
-    try:
-        with torch.enable_grad():
-            for x in input_batches(data, images):
-                x = x.to(device).requires_grad_(True)
-                logits = model(x)
-                if not isinstance(logits, Tensor) or logits.dim() != 2:
-                    shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-                    raise ValueError(f"weighting='fisher' needs a classifier returning (N, classes) logits; the model "
-                                     f"returned {shape}: use weighting='relative'")
-                probs = torch.softmax(logits.detach().double().cpu(), dim=1)
-                labels = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(logits.device)
-                loss = F.cross_entropy(logits, labels, reduction="sum")
-                torch.autograd.grad(loss, [x])
-    finally:
-        for h in handles:
-            h.remove()
-        for m, t in flags:
-            m.training = t
-    missing = [n for n in layers if count[n] == 0]
-    if missing:
-        raise ValueError(f"layers {missing[:5]} were not called by the forward pass of the calibration data")
+    with _hooked_eval(model, {modules[n]: hook(n) for n in layers}) as device, torch.enable_grad():
+        for x in input_batches(data, images):
+            x = x.to(device).requires_grad_(True)
+            logits = model(x)
+            if not isinstance(logits, Tensor) or logits.dim() != 2:
+                shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+                raise ValueError(f"weighting='fisher' needs a classifier returning (N, classes) logits; the model "
+                                 f"returned {shape}: use weighting='relative'")
+            probs = torch.softmax(logits.detach().double().cpu(), dim=1)
+            labels = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(logits.device)
+            loss = F.cross_entropy(logits, labels, reduction="sum")
+            torch.autograd.grad(loss, [x])
+    _check_called(count)
     out = {}
     for n in layers:
         rows = count[n] * per_image[n] / s1[n].numel()  # (image, position) pairs per channel
