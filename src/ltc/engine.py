@@ -263,12 +263,10 @@ class LCEngine:
     ) -> None:
         cfg = EngineSettings(**settings)
         check_lam_target(cfg.lam, cfg.target_sr)
-        if cfg.metric == "data" and calibration is None:
-            raise ValueError("metric='data' needs calibration inputs: pass calibration=loader (a few hundred "
-                             "training images) or metric='weight'")
-        if cfg.weighting == "fisher" and calibration is None:
-            raise ValueError("weighting='fisher' needs calibration inputs: pass calibration=loader (a few hundred "
-                             "training images) or weighting='relative'")
+        for key, value, instead in (("metric", "data", "weight"), ("weighting", "fisher", "relative")):
+            if getattr(cfg, key) == value and calibration is None:  # settings that run the network on data
+                raise ValueError(f"{key}={value!r} needs calibration inputs: pass calibration=loader (a few hundred "
+                                 f"training images) or {key}={instead!r}")
         if cfg.cost == "latency" and latency_table is None:
             raise ValueError("cost='latency' needs a latency_table (ltc.latency_table.LatencyTable.build(model, x)); "
                              "or use cost='macs'")
