@@ -117,6 +117,10 @@ ABLATION: list[tuple[str, str, dict[str, Any]]] = [
     # the allocation improve? LTC and one-shot alike (seed 0: both level, −0.30 / −0.34, both higher before fine-tuning,
     # +1.66 / +2.94, so seeds 1-2 were not run)
     ("ltc+defaults+fisher", "ltc", {**DEFAULTS, "weighting": "fisher"}),
+    # the penalty applied by its exact (proximal) step after each SGD step instead of as a gradient in the loss
+    # (penalty_step='proximal'): no stability cap from the metric's largest eigenvalue, so every direction of W − Θ
+    # (down to the smallest, damped eigenvalue) is pinned by the last L step and the deployed Θ is what training reached
+    ("ltc+defaults+proximal", "ltc", {**DEFAULTS, "penalty_step": "proximal"}),
     # steps / lc_weight_decay do nothing for one-shot; pinned to the values this row ran with (adding the field
     # lr_anneal moved every folder hash: finished rows are found by id, a --redo starts a new folder)
     ("oneshot-weight", "oneshot", {"metric": "weight", "min_rank": 1, "kd_weight": 0.0, "steps": 10,

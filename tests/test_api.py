@@ -24,6 +24,7 @@ import ltc.train
 from ltc import models
 from ltc.api import CHECKPOINT_NAME, CompressConfig, EpochPlan, Result, compress
 from ltc.batchnorm import recalibrate_batchnorm
+from ltc.engine import LCEngine
 from ltc.layers import LowRankLinear, MatrixLowRankConv2d, Tucker2Conv2d
 from ltc.methods import get_method
 from ltc.train import evaluate, fit, read_checkpoint
@@ -403,7 +404,7 @@ def uninterrupted(tmp_path_factory):
     """Uninterrupted reference runs (with a checkpoint dir too, as a resumed run has one)."""
     out = {}
     for method, kw in (("ltc", {"target_sr": 2.0}), ("uniform", {}), ("ltc", GRADUAL), ("ltc", FRACTION),
-                       ("ltc", COSINE)):
+                       ("ltc", COSINE), ("ltc", PROXIMAL)):
         train, val = loaders()
         out[run_key(method, kw)] = compress(base_model(), train, val_loader=val, method=method,
                                             checkpoint_dir=tmp_path_factory.mktemp("ref"), **{**RESUME_KW, **kw})
@@ -414,6 +415,7 @@ GRADUAL = {"target_sr": 2.0, "target_schedule": "gradual"}
 FRACTION = {"target_sr": 2.0, "epochs_per_step": 0.5, "finetune_epochs": 1}
 COSINE = {"target_sr": 2.0, "steps": 3, "finetune_epochs": 1, "lr_schedule": "cosine",
           "lr_anneal": 1.0}  # the penalty follows the lr
+PROXIMAL = {**COSINE, "penalty_step": "proximal"}
 
 
 def run_key(method: str, kw: dict) -> str:
@@ -429,6 +431,7 @@ def run_key(method: str, kw: dict) -> str:
         ("ltc", GRADUAL, 1, "lc", 1),  # between two stages of the budget
         ("ltc", FRACTION, 1, "lc", 1),  # between two L steps of half an epoch
         ("ltc", COSINE, 1, "lc", 1),  # the penalty's lr scale travels in the checkpoint
+        ("ltc", PROXIMAL, 2, "lc", 2),  # the proximal penalty step
     ],
 )
 def test_resume_inside_a_phase_is_bit_identical(uninterrupted, tmp_path, monkeypatch, method, kw, fail_after,
@@ -464,6 +467,31 @@ def test_a_cosine_lr_schedule_scales_each_l_steps_penalty(uninterrupted):
     ref = uninterrupted[run_key("ltc", COSINE)]
     assert [h["lr_scale"] for h in ref.history] == pytest.approx([1.0, 1.0, 0.75, 0.25])
     assert [row["lr"] for row in ref.log if row["phase"] == "lc"] == pytest.approx([0.01, 0.0075, 0.0025])
+
+
+def test_the_proximal_penalty_step_runs_after_every_optimizer_step_at_the_effective_rate(monkeypatch):
+    """``penalty_step='proximal'``: the L steps add no penalty to the loss and call ``proximal_step`` once per batch
+    with ``lr / (1 − momentum)`` at the pass's rate (a cosine over 3 passes: 1, 0.75, 0.25 of ``lr``)."""
+    calls: list[float] = []
+    monkeypatch.setattr(LCEngine, "proximal_step", lambda self, eta: calls.append(eta))
+    monkeypatch.setattr(LCEngine, "penalty", lambda self: pytest.fail("the proximal L step added the penalty"))
+    train, _ = loaders()
+    res = compress(base_model(), train, method="ltc", **{**RESUME_KW, **PROXIMAL})
+    per_pass = len(train)
+    assert calls == pytest.approx([0.1] * per_pass + [0.075] * per_pass + [0.025] * per_pass)
+    assert [row["train_extra_loss"] for row in res.log if row["phase"] == "lc"] == [0.0, 0.0, 0.0]
+
+
+def test_proximal_l_steps_end_closer_to_theta_than_gradient_ones():
+    """The proximal μ path ends with every direction of ``W − Θ`` at the cap (``mu_cap / λ_min``), the gradient one
+    with the largest direction there: on the same run the proximal L steps end nearer Θ in weight space."""
+    train, _ = loaders()
+    dist = {}
+    for step in ("gradient", "proximal"):
+        res = compress(base_model(), train, method="ltc", metric="data", penalty_step=step,
+                       **{**RESUME_KW, **COSINE})
+        dist[step] = res.history[-1]["distance"]
+    assert dist["proximal"] < 0.5 * dist["gradient"]
 
 
 def test_lr_anneal_holds_the_rate_then_anneals_over_the_last_share_of_the_l_steps():
@@ -541,6 +569,7 @@ def test_resume_from_another_methods_checkpoint_is_refused(tmp_path, monkeypatch
         ({"method": "ltcc"}, "Did you mean 'ltc'"),
         ({"method": "nope"}, "unknown method 'nope'"),
         ({"target_schedule": "slow"}, "target_schedule must be one of 'fixed', 'gradual', got 'slow'"),
+        ({"penalty_step": "prox"}, "penalty_step must be one of 'gradient', 'proximal', got 'prox'"),
         ({"target_schedule": "gradual", "target_sr": None, "lam": 1e-3}, "it needs target_sr (not lam"),
         ({"target_schedule": "gradual", "method": "oneshot"}, "method 'oneshot' picks its ranks once"),
     ],

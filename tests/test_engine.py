@@ -1571,6 +1571,76 @@ def test_mu_cap_bounds_every_layers_penalty_curvature(metric):
     assert 0 < capped < len(names)
 
 
+@settings(SETTINGS, max_examples=20)
+@given(seed=st.integers(0, 2**16), log_eta=st.floats(-3, 3), metric=st.sampled_from(["weight", "data"]),
+       lrc=st.booleans())
+def test_proximal_step_is_the_exact_minimiser_of_the_step_objective(seed, log_eta, metric, lrc):
+    """After ``proximal_step(η)`` the gradient of ``‖W − W₀‖²/(2η) + penalty()`` in every compressed weight is 0
+    (the penalty's own autograd gradient, in its metric), for step sizes from 1e-3 to 1e3."""
+    model = _net(seed % 7, a=5, b=6, c=4).double()  # float64: the check at η = 1e3 cancels 6 digits
+    calib = _calibration(3, seed=seed).double()
+    comp = (ltc.LRC if lrc else ltc.LTC)(model, X_NET.double(), target_sr=2.0, mu0=0.3, compress_linear=True,
+                                        metric=metric, calibration=calib if metric == "data" else None,
+                                        penalty_step="proximal")
+    comp.start()
+    _noise_step(comp, model, torch.Generator().manual_seed(seed), scale=0.1)  # φ ≠ 0, W ≠ Θ
+    w0 = {n: s.weight.detach().clone() for n, s in comp.layers.items()}
+    eta = 10.0 ** log_eta
+    comp.proximal_step(eta)
+    grads = torch.autograd.grad(comp.penalty(), [s.weight for s in comp.layers.values()])
+    assert any(s.rank is not None for s in comp.layers.values())
+    for (n, s), g in zip(comp.layers.items(), grads, strict=True):
+        if s.rank is None:  # a dense layer's Θ + φ/ρ is W itself: it stays
+            assert torch.allclose(s.weight.detach(), w0[n], rtol=1e-12, atol=0), n
+            continue
+        move = (s.weight.detach() - w0[n]) / eta
+        assert float(move.norm()) > 0, n
+        assert torch.allclose(move, -g, rtol=1e-7, atol=1e-9 * float(g.norm())), n
+
+
+@pytest.mark.parametrize("metric", ["weight", "data"])
+def test_proximal_step_pins_w_where_the_gradient_step_diverges(metric):
+    """At ``η·ρ_k·λ_min(Σ_k) = 1e6`` one proximal step puts every layer at ``Θ + φ/ρ`` (the penalty's minimiser),
+    where a plain gradient step of the same size on the same penalty blows up."""
+    model = _net(4, a=5, b=6, c=4)
+    calib = _calibration(3, seed=4)
+    comp = ltc.LTC(model, X_NET, target_sr=2.0, mu0=1.0, compress_linear=True, metric=metric,
+                   calibration=calib if metric == "data" else None, penalty_step="proximal")
+    comp.start()
+    _noise_step(comp, model, torch.Generator().manual_seed(4), scale=0.1)
+    floor = min(comp.rho(s) * (1.0 if s.whitening is None else s.whitening.floor) for s in comp.layers.values())
+    eta = 1e6 / floor
+    before = {n: s.weight.detach().clone() for n, s in comp.layers.items()}
+    grads = torch.autograd.grad(comp.penalty(), [s.weight for s in comp.layers.values()])
+    comp.proximal_step(eta)
+    for (n, s), g in zip(comp.layers.items(), grads, strict=True):
+        target = s.theta + s.phi / comp.rho(s)
+        assert torch.allclose(s.weight.detach(), target, atol=1e-5 * float(target.norm())), n
+        if s.rank is not None:  # (a dense layer sits at its target already)
+            assert float((before[n] - eta * g - target).norm()) > 1e3 * float((before[n] - target).norm()), n
+    assert any(s.rank is not None for s in comp.layers.values())
+
+
+def test_the_proximal_cap_is_set_by_the_smallest_eigenvalue_and_the_gradient_cap_by_the_largest():
+    """With ``mu_cap`` and μ far past it, every layer's ρ is ``mu_cap / λ_max(Σ_k)`` for the gradient L step and
+    ``mu_cap / λ_min(Σ_k)`` for the proximal one (``Σ_k`` normalised and damped, by our own hooks)."""
+    model = _net(5, a=5, b=6, c=4)
+    calib = _calibration(3, seed=5)
+    names = None
+    got = {}
+    for step in ("gradient", "proximal"):
+        comp = ltc.LTC(copy.deepcopy(model), X_NET, lam=0.05, mu0=1e6, mu_cap=2.0, compress_linear=True,
+                       metric="data", calibration=calib, penalty_step=step)
+        comp.start()
+        names = list(comp.layers)
+        got[step] = {n: comp.rho(s) for n, s in comp.layers.items()}
+    sigma = _input_moments(model, calib, names, False)
+    ev = {n: np.linalg.eigvalsh(0.5 * (sg + sg.T) / np.mean(np.diag(sg)) + 0.01 * np.eye(len(sg)))
+          for n, sg in sigma.items()}
+    assert got["gradient"] == pytest.approx({n: 2.0 / e[-1] for n, e in ev.items()}, rel=1e-6)
+    assert got["proximal"] == pytest.approx({n: 2.0 / e[0] for n, e in ev.items()}, rel=1e-6)
+
+
 def test_mu_cap_saturates_the_layers_it_reaches_and_lets_the_others_grow():
     """A layer with a huge ``w_k`` (tiny weights under relative weighting) sits at ``ρ_k = mu_cap`` from the
     start while the others follow ``μ·w_k``; the penalty, the multipliers and the C step's ``Z = W − φ/ρ_k`` use

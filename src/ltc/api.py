@@ -60,7 +60,7 @@ WRITER = "ltc.compress"
 # settings that decide which ranks a run learns: resuming a checkpoint with other values is refused
 _IDENTITY_KEYS = ("method", "lam", "target_sr", "cost", "include", "exclude", "compress_linear", "min_rank",
                   "rank_multiple", "weighting", "metric", "method_options", "steps", "epochs_per_step", "lr",
-                  "lr_schedule", "lr_anneal")
+                  "lr_schedule", "lr_anneal", "penalty_step")
 # Largest lr_eff·ρ_k of any layer: SGD with Nesterov momentum 0.9 on the penalty alone is stable up to
 # lr·ρ ≈ 1.36, i.e. lr_eff·ρ ≈ 13.6; 2 leaves room for the loss's own curvature.
 MAX_PULL = 2.0
@@ -196,6 +196,7 @@ class CompressConfig:
     calibration_images: int = 512
     damping: float = 0.01
     centered: bool = True
+    penalty_step: str = "gradient"
     method_options: dict[str, Any] = field(default_factory=dict)
     epochs: int | None = None
     steps: int = 25
@@ -602,7 +603,8 @@ def compress(
     table = _latency_table(work, example_input, cfg, progress) if cfg.resolved_cost() == "latency" else None
     comp = method.build(work, example_input, calibration=calib, latency_table=table, **cfg.engine_kwargs())
     if plan.lc_steps:
-        sched = cfg.schedule(_len(train_loader), comp.scale_range)
+        pulls = comp.scale_range if cfg.penalty_step == "gradient" else comp.floor_range
+        sched = cfg.schedule(_len(train_loader), pulls)
         comp.set_schedule(**{k: v for k, v in sched.items() if k != "mu_final"})
     speed: dict[str, Any] = {}
     if ckpt is None and cfg.target_speedup is not None:
@@ -642,7 +644,7 @@ def compress(
         lc_loader = train_loader if plan.fraction is None else FirstBatches(train_loader, plan.fraction)
         lc_opt = _lc_optimizer(work, comp, cfg)
         lc_hist = fit(work, lc_loader, val_loader, epochs=plan.lc_fit_epochs, stage="lc", resume=ckpt is not None,
-                      extra_loss=comp.penalty, extra_state=(extra(), restore),
+                      extra_state=(extra(), restore), **_penalty_hooks(comp, cfg, lc_opt),
                       on_epoch_end=_c_step_hook(comp, cfg, plan, lc_opt), describe=_lc_label(plan),
                       log=log, optimizer=lc_opt, scheduler=None, **common,
                       **_lc_scheduler_kw(cfg, plan))
@@ -746,6 +748,15 @@ def _lc_optimizer(model: nn.Module, comp: Any, cfg: CompressConfig) -> torch.opt
               {"params": [p for p in model.parameters() if id(p) not in held]}]
     return make_optimizer(groups, name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                           weight_decay=cfg.weight_decay)
+
+
+def _penalty_hooks(comp: Any, cfg: CompressConfig, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """How the L steps apply the penalty: ``fit``'s ``extra_loss`` (gradient) or ``after_step`` (proximal, with the
+    optimizer's effective step at its current rate)."""
+    if cfg.penalty_step == "gradient":
+        return {"extra_loss": comp.penalty}
+    momentum = cfg.momentum if cfg.optimizer == "sgd" else 0.0
+    return {"after_step": lambda: comp.proximal_step(current_lr(optimizer) / (1.0 - momentum))}
 
 
 def anneal_passes(passes: int, share: float) -> int:

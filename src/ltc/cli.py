@@ -36,6 +36,7 @@ from .settings import (
     MEMORY_FORMATS,
     METRICS,
     OPTIMIZERS,
+    PENALTY_STEPS,
     SCHEDULES,
     TARGET_SCHEDULES,
     WEIGHTINGS,
@@ -202,6 +203,10 @@ def _compress_opts(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     f("--mu0", key="compress.mu0", type=float, help="first penalty weight μ0 (default 1e-3)")
     f("--mu-growth", key="compress.mu_growth", type=float,
       help="μ grows by this factor per step (default: automatic, so that the last L step closes W − Θ)")
+    f("--penalty-step", key="compress.penalty_step", choices=PENALTY_STEPS,
+      help=f"apply the LC penalty in L steps as a gradient in the loss, or as its exact step after each optimizer "
+           f"step (proximal: stable at any penalty weight, so every direction of W − Θ can be pinned) "
+           f"(default {CompressConfig.default('penalty_step')})")
     f("--weighting", key="compress.weighting", choices=WEIGHTINGS,
       help="compare layers' errors relative to their weight norms (default), in absolute terms (SPEC §3), or "
            "relative and weighted by each layer's loss sensitivity (Fisher, on the calibration images)")

@@ -45,7 +45,7 @@ from .cost import LayerGeometry, dense_cost, profile, record_geometry
 from .layers import check_decomposable_conv
 from .metrics import Whitening, collect_input_moments, collect_output_sensitivity, metric_mode, whitening_from_moment
 from .schemes import Candidates, Scheme, get_scheme
-from .settings import COSTS, METRICS, WEIGHTINGS, check_choice, check_int, check_number
+from .settings import COSTS, METRICS, PENALTY_STEPS, WEIGHTINGS, check_choice, check_int, check_number
 from .surgery import replace_modules, unwrap
 
 __all__ = ["LCEngine", "LTC", "LRC", "EngineSettings", "LayerState", "select_layers", "ENGINE_STATE_VERSION",
@@ -90,6 +90,7 @@ class EngineSettings:
     calibration_images: int = 512
     damping: float = 0.01
     centered: bool = True
+    penalty_step: str = "gradient"
 
     def __post_init__(self) -> None:
         check_number("lam", self.lam, ge=0, optional=True)
@@ -108,6 +109,7 @@ class EngineSettings:
         self.metric = check_choice("metric", self.metric, METRICS)
         check_int("calibration_images", self.calibration_images, ge=1)
         check_number("damping", self.damping, ge=0)
+        self.penalty_step = check_choice("penalty_step", self.penalty_step, PENALTY_STEPS)
 
 
 @dataclass
@@ -249,6 +251,11 @@ class LCEngine:
             width 0.25, BatchNorm re-estimated, 37.0 % centred against 27.8 % uncentred before fine-tuning).
         calibration: the inputs for ``metric='data'``: a loader of ``(x, y)`` batches or a tensor of inputs.
         damping: the data metric's ``Σ + damping·mean(diag Σ)·I``.
+        penalty_step: how the L steps apply the penalty. ``'gradient'``: add :meth:`penalty` to the loss; SGD
+            follows a layer's pull stably only while ``lr_eff·ρ_k`` times the metric's largest eigenvalue stays
+            small, so ``mu_cap`` is divided by it. ``'proximal'``: call :meth:`proximal_step` after every optimizer
+            step instead (exact, stable for any ``ρ_k``), and ``mu_cap`` is divided by the metric's *smallest*
+            eigenvalue, so that at the cap every direction of ``W − Θ`` is pulled in, not only the largest.
         latency_table: per-layer measured latencies for ``cost='latency'`` (:class:`ltc.latency_table.LatencyTable`).
     """
 
@@ -281,6 +288,7 @@ class LCEngine:
         self.min_rank, self.rank_multiple = int(cfg.min_rank), int(cfg.rank_multiple)
         self.n_iter, self.tol = int(cfg.n_iter), float(cfg.tol)
         self.conv_scheme, self.weighting, self.metric = cfg.conv_scheme, cfg.weighting, cfg.metric
+        self.penalty_step = cfg.penalty_step
         self.calibration = calibration
         self.latency_table = latency_table
         self.steps_done = 0
@@ -400,9 +408,10 @@ class LCEngine:
                 assert s.whitening is not None
                 for t in (s.whitening.L, s.whitening.L_inv):
                     torch.distributed.broadcast(t, src=0)
-                c = torch.tensor([s.whitening.curvature], dtype=torch.float64, device=s.whitening.L.device)
+                c = torch.tensor([s.whitening.curvature, s.whitening.floor], dtype=torch.float64,
+                                 device=s.whitening.L.device)
                 torch.distributed.broadcast(c, src=0)
-                s.whitening.curvature = float(c)
+                s.whitening.curvature, s.whitening.floor = float(c[0]), float(c[1])
 
     # ----------------------------------------------------------------------------------------- queries
     @property
@@ -487,12 +496,24 @@ class LCEngine:
         scales = [s.scale for s in self.layers.values()]
         return min(scales), max(scales)
 
+    @property
+    def floor_range(self) -> tuple[float, float]:
+        """``(min_k w_k·f_k, max_k w_k·f_k)`` with ``f_k`` the smallest eigenvalue of layer ``k``'s metric (1 in weight
+        space): how hard μ pulls each layer's least-pulled direction (the proximal L step's μ path ends where the
+        smallest of them reaches the cap)."""
+        self.prepare()
+        pulls = [s.scale * (1.0 if s.whitening is None else s.whitening.floor) for s in self.layers.values()]
+        return min(pulls), max(pulls)
+
     def rho(self, s: LayerState) -> float:
-        """Layer ``s``'s penalty weight ``ρ_k = min(μ·w_k, mu_cap / c_k) / lr_scale``, ``c_k`` the metric's curvature
-        (the largest eigenvalue of the normalised input moment; 1 in weight space); see :meth:`set_lr_scale`."""
+        """Layer ``s``'s penalty weight ``ρ_k = min(μ·w_k, mu_cap / c_k) / lr_scale``; ``c_k`` is the metric's largest
+        eigenvalue (the normalised input moment's; 1 in weight space) for the gradient L step, its smallest for the
+        proximal one (see ``penalty_step``); see :meth:`set_lr_scale`."""
         r = self.mu * s.scale
         if self.mu_cap is not None:
-            r = min(r, self.mu_cap / (1.0 if s.whitening is None else s.whitening.curvature))
+            wh = s.whitening
+            c = 1.0 if wh is None else (wh.curvature if self.penalty_step == "gradient" else wh.floor)
+            r = min(r, self.mu_cap / c)
         return r / self.lr_scale
 
     def set_lr_scale(self, scale: float) -> None:
@@ -524,6 +545,26 @@ class LCEngine:
             total = d if total is None else total + d
         assert total is not None
         return total
+
+    @torch.no_grad()
+    def proximal_step(self, step_size: float) -> None:
+        """The penalty's exact step: ``W_k ← argmin_W ‖W − W_k‖²/(2η) + ρ_k/2·‖W − T_k‖²_k`` with
+        ``T_k = Θ_k + φ_k/ρ_k`` and ``η = step_size``, i.e. ``W_k ← T_k + (W_k − T_k) ×_in (I + η·ρ_k·Σ_k)⁻¹``
+        (``Σ_k = I`` in weight space). Call it after every optimizer step instead of adding :meth:`penalty` to the
+        loss (``penalty_step='proximal'``). ``step_size``: the optimizer's effective step, ``lr / (1 − momentum)``
+        for SGD with momentum (for small ``η·ρ_k`` the pull then equals the gradient L step's). Stable for any
+        ``ρ_k``."""
+        check_number("step_size", step_size, ge=0)
+        self.start()
+        for s in self.layers.values():
+            w = s.weight
+            if s.theta.device != w.device:
+                s.theta, s.phi = s.theta.to(w.device), s.phi.to(w.device)
+            rho = self.rho(s)
+            a = float(step_size) * rho
+            target = s.theta + s.phi / rho
+            gap = w - target
+            w.copy_(target + (gap / (1.0 + a) if s.whitening is None else s.whitening.shrink(a, gap)))
 
     def decayed_parameters(self) -> list[nn.Parameter]:
         """The compressed layers' weights: :func:`ltc.compress` trains them without weight decay in L steps (the
@@ -833,6 +874,7 @@ class LCEngine:
             "cost": self.cost_kind,
             "weighting": self.weighting,
             "metric": self.metric,
+            "penalty_step": self.penalty_step,
             "started": self.started,
             "steps_done": self.steps_done,
             "ranks_changed": self._ranks_changed,
@@ -847,7 +889,7 @@ class LCEngine:
                     "scale": s.scale,
                     "whitening": None if s.whitening is None else {
                         "L": s.whitening.L.detach().clone(), "L_inv": s.whitening.L_inv.detach().clone(),
-                        "mode": s.whitening.mode, "curvature": s.whitening.curvature},
+                        "mode": s.whitening.mode, "curvature": s.whitening.curvature, "floor": s.whitening.floor},
                 }
                 for n, s in self.layers.items()
             },
@@ -878,7 +920,8 @@ class LCEngine:
                 f"engine state version {state.get('version')!r} is not this ltc's ({ENGINE_STATE_VERSION}); "
                 "re-run the compression with this version"
             )
-        for key, mine in (("cost", self.cost_kind), ("weighting", self.weighting), ("metric", self.metric)):
+        for key, mine in (("cost", self.cost_kind), ("weighting", self.weighting), ("metric", self.metric),
+                          ("penalty_step", self.penalty_step)):
             if state.get(key, mine) != mine:
                 raise ValueError(
                     f"this engine state was made with {key}={state[key]!r}, this engine uses {key}={mine!r}; "
@@ -907,7 +950,8 @@ class LCEngine:
             s.err, s.scale = float(d["err"]), float(d["scale"])
             wh = d.get("whitening")
             s.whitening = None if wh is None else Whitening(wh["L"].to(dev).clone(), wh["L_inv"].to(dev).clone(),
-                                                            str(wh["mode"]), float(wh["curvature"]))
+                                                            str(wh["mode"]), float(wh["curvature"]),
+                                                            float(wh.get("floor", 1.0)))
         self.mu, self.lam, self.steps_done = float(state["mu"]), float(state["lam"]), int(state["steps_done"])
         if self.target is not None and state.get("target") is not None:  # a budget re-targeted during the run
             self.target = float(state["target"])

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,13 +35,16 @@ class Whitening:
     ``'channel'`` (``d`` = the input channels, dim 1 of the weight) or ``'patch'`` (``d = S·kh·kw``, the
     weight reshaped to ``(T, S·kh·kw)``: the exact metric of a kh x kw conv's unfolded input patches).
     ``Σ`` is normalised to a mean eigenvalue of 1 (the metric's scale is the engine's ``w_k``); ``curvature`` is
-    its largest eigenvalue, by which the penalty's curvature exceeds ``ρ_k`` (the engine caps ``ρ_k·curvature``).
+    its largest eigenvalue, by which the penalty's curvature exceeds ``ρ_k`` (the gradient L step caps
+    ``ρ_k·curvature``); ``floor`` its smallest (the proximal L step caps ``ρ_k·floor``).
     """
 
     L: Tensor
     L_inv: Tensor
     mode: str
     curvature: float = 1.0
+    floor: float = 1.0
+    _shrink: tuple[float, Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     def apply(self, x: Tensor) -> Tensor:
         """``x ×_in L`` (error coordinates), in ``x``'s dtype."""
@@ -52,7 +55,16 @@ class Whitening:
         return _right(x, self.L_inv, self.mode)
 
     def to(self, device: torch.device | str) -> Whitening:
-        return Whitening(self.L.to(device), self.L_inv.to(device), self.mode, self.curvature)
+        return Whitening(self.L.to(device), self.L_inv.to(device), self.mode, self.curvature, self.floor)
+
+    def shrink(self, a: float, x: Tensor) -> Tensor:
+        """``x ×_in (I + a·Σ)⁻¹``, ``Σ = L Lᵀ``, ``a ≥ 0``: the proximal step of the penalty ``a/2·‖x ×_in L‖²``
+        (the matrix is cached for the last ``a``), in ``x``'s dtype."""
+        if self._shrink is None or self._shrink[0] != a:
+            sigma = self.L.double() @ self.L.double().T
+            eye = torch.eye(sigma.shape[0], dtype=sigma.dtype, device=sigma.device)
+            self._shrink = (a, torch.linalg.solve(eye + a * sigma, eye))
+        return _right(x, self._shrink[1], self.mode)
 
 
 def _right(x: Tensor, m: Tensor, mode: str) -> Tensor:
@@ -184,8 +196,8 @@ def whitening_from_moment(sigma: Tensor, mode: str, damping: float = 0.01) -> Wh
     else:  # pragma: no cover - a damped PSD matrix always factors
         raise ValueError("the input second moment is not positive definite even after damping")
     L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
-    curvature = float(torch.linalg.eigvalsh(s)[-1]) if d else 1.0
-    return Whitening(L, L_inv, mode, curvature)
+    ev = torch.linalg.eigvalsh(s) if d else torch.ones(1, dtype=s.dtype)
+    return Whitening(L, L_inv, mode, float(ev[-1]), float(ev[0]))
 
 
 def collect_output_sensitivity(

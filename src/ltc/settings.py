@@ -18,6 +18,7 @@ __all__ = [
     "LC_LR_SCHEDULES",
     "METRICS",
     "OPTIMIZERS",
+    "PENALTY_STEPS",
     "SCHEDULES",
     "TARGET_SCHEDULES",
     "WEIGHTINGS",
@@ -37,6 +38,9 @@ WEIGHTINGS = ("relative", "absolute", "fisher")
 """How layers' errors compare in the C step (see :class:`~ltc.engine.LCEngine`)."""
 METRICS = ("weight", "data")
 """How a layer's approximation error is measured: in weight space, or on the layer's inputs (data-aware)."""
+PENALTY_STEPS = ("gradient", "proximal")
+"""How an L step applies the LC penalty: as a gradient added to the loss, or as its exact (proximal) step after each
+optimizer step (:meth:`~ltc.engine.LCEngine.proximal_step`)."""
 MEMORY_FORMATS = ("contiguous", "channels_last")
 """Layouts a network is timed and run in under eager PyTorch: NCHW (PyTorch's default) or NHWC weights."""
 TARGET_SCHEDULES = ("fixed", "gradual")

@@ -5,6 +5,7 @@ fine-tuning (``ltc.compress``), ``ltc finetune``. It is the only place with a Na
 seeding, DistributedDataParallel wrapping and a checkpoint writer. Callers plug in through hooks:
 
 * ``extra_loss()``: added to the batch loss (the LC penalty);
+* ``after_step()``: runs after every optimizer step (the LC penalty's proximal step);
 * ``teacher`` + ``kd_weight`` / ``kd_temperature``: knowledge distillation from a frozen network;
 * ``on_epoch_end(epoch, row)``: runs after each epoch, before the checkpoint (the C step); may return extra row
   fields and ``{"stop": True}`` to end the run early;
@@ -446,6 +447,7 @@ def train_one_epoch(
     *,
     criterion: Callable[[Tensor, Tensor], Tensor] | None = None,
     extra_loss: Callable[[], Tensor | float] | None = None,
+    after_step: Callable[[], None] | None = None,
     device: str | torch.device = "cpu",
     amp: bool | str = False,
     channels_last: bool = False,
@@ -467,6 +469,7 @@ def train_one_epoch(
         criterion: ``loss(outputs, targets)``; default cross-entropy with ``label_smoothing``.
         extra_loss: called once per batch (outside autocast, after the forward pass); its value is
             added to the task loss (this is where the LTC rank penalty plugs in).
+        after_step: called after every optimizer step (the LC penalty's proximal step plugs in here).
         amp: mixed precision on CUDA (``True``: bf16 if supported else fp16; or ``"bf16"``/``"fp16"``;
             fp16 uses a GradScaler). Ignored on CPU, as is ``channels_last``.
         grad_clip: max global L2 norm of the gradients (``None``: no clipping).
@@ -543,6 +546,8 @@ def train_one_epoch(
                 if grad_clip is not None:
                     nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
                 optimizer.step()
+            if after_step is not None:
+                after_step()
 
             bs = int(targets.shape[0])
             n_samples += bs
@@ -840,6 +845,7 @@ def fit(
     sched_cfg: dict[str, Any] | None = None,
     device: str | torch.device = "cpu",
     extra_loss: Callable[[], Tensor | float] | None = None,
+    after_step: Callable[[], None] | None = None,
     criterion: Callable[[Tensor, Tensor], Tensor] | None = None,
     teacher: nn.Module | None = None,
     kd_weight: float = 0.0,
@@ -871,6 +877,7 @@ def fit(
             train loss without validation); otherwise built by
             ``make_scheduler(optimizer, epochs=epochs, **sched_cfg)`` when ``sched_cfg`` is given.
         extra_loss: added to the loss every batch (see :func:`train_one_epoch`).
+        after_step: called after every optimizer step (see :func:`train_one_epoch`).
         teacher, kd_weight, kd_temperature: knowledge distillation (see :func:`distillation_loss`).
         checkpoint_path: if given, after every epoch the main process atomically writes the checkpoint described
             in :func:`read_checkpoint` (``"model"``: the state_dict of the model inside any DDP wrapper, so that a
@@ -970,7 +977,8 @@ def fit(
         where = label(e)
         try:
             tr = train_one_epoch(
-                net, train_loader, optimizer, criterion=criterion, extra_loss=extra_loss, device=dev, amp=amp,
+                net, train_loader, optimizer, criterion=criterion, extra_loss=extra_loss, after_step=after_step,
+                device=dev, amp=amp,
                 channels_last=channels_last, grad_clip=grad_clip, label_smoothing=label_smoothing,
                 progress=progress, desc=where, scaler=scaler, teacher=teacher, kd_weight=kd_weight,
                 kd_temperature=kd_temperature,

@@ -24,6 +24,7 @@ __all__ = ["Compression", "Method", "register_method", "get_method", "list_metho
 # Arguments passed through to LCEngine; anything else goes to the method's own options.
 ENGINE_KEYS = ("lam", "target_sr", "cost", "include", "exclude", "compress_linear", "mu0", "mu_growth", "mu_cap",
                "min_rank", "rank_multiple", "n_iter", "tol", "weighting", "metric", "calibration_images", "damping",
+               "centered", "penalty_step",
                "calibration", "latency_table")
 
 
