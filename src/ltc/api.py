@@ -151,7 +151,11 @@ class CompressConfig:
     (default): with ``pull=None`` (default) the layer pulled least reaches the cap in the last L step, so every
     layer ends pinned to its Tucker-2 projection and the deployed Θ is what training reached; with ``pull=p`` (the
     first version: 5) the last L step closes the least-pulled layer's gap by ``e^p`` only. ``mu_growth`` overrides
-    the path.
+    the path. ``penalty_step``: ``'gradient'`` adds the penalty to the loss (the cap is then divided by the data
+    metric's largest eigenvalue, so that SGD stays stable, and the other directions of ``W − Θ`` are pulled that much
+    less); ``'proximal'`` applies its exact step after each optimizer step
+    (:meth:`ltc.engine.LCEngine.proximal_step`, stable at any ρ), the cap divided by the metric's *smallest*
+    eigenvalue and the path ending where the least-pulled layer's least-pulled direction reaches it.
     L steps use learning rate ``lr`` (``lr_schedule``: ``'cosine'``, held at ``lr`` for the first ``1 − lr_anneal``
     of the LC epochs and annealed to 0 over the rest (``lr_anneal=1``: cosine over all of them), or ``'restart'``:
     decayed by ``lr_decay`` per epoch and restarted each L step, as in the LC paper's scripts) and weight decay
@@ -176,7 +180,8 @@ class CompressConfig:
     ``min_rank=2`` (SPEC: 1), ``kd_weight=0.5``, ``lc_weight_decay=0``, and ``steps=25`` L steps of
     ``epochs_per_step=0.2`` (5 LC epochs, a C step every fifth of an epoch; SPEC: 1-2 epochs per L step), and an
     L-step rate held for 80 % of the LC epochs and annealed over the last 20 % (``lr_schedule='cosine'``,
-    ``lr_anneal=0.2``; SPEC: the LC scripts' restarted rate, ``lr_schedule='restart'``). Every SPEC choice stays
+    ``lr_anneal=0.2``; SPEC: the LC scripts' restarted rate, ``lr_schedule='restart'``), and
+    ``penalty_step='proximal'`` (SPEC: the penalty's gradient in the loss, ``'gradient'``). Every SPEC choice stays
     reachable by setting the field.
     """
 
@@ -196,7 +201,7 @@ class CompressConfig:
     calibration_images: int = 512
     damping: float = 0.01
     centered: bool = True
-    penalty_step: str = "gradient"
+    penalty_step: str = "proximal"
     method_options: dict[str, Any] = field(default_factory=dict)
     epochs: int | None = None
     steps: int = 25

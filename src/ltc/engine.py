@@ -7,6 +7,8 @@ Lifecycle, around the user's own training loop (prepare, step, convert)::
     for step in range(steps):
         ...train with  loss = criterion(model(x), y) + comp.penalty()   # the L step
         comp.step()                                    # C step, multipliers, mu <- growth * mu
+    # or, with penalty_step="proximal": no penalty in the loss, comp.proximal_step(lr / (1 - momentum)) after
+    # every optimizer.step()
     small = comp.compressed_model()                    # then re-estimate BatchNorm: ltc.recalibrate_batchnorm
 
 The augmented Lagrangian ``Q = L(W) + λ Σ C_k(r_k) + Σ_k ρ_k/2 ‖W_k − Θ_k − φ_k/ρ_k‖²_k`` is minimised by
