@@ -263,6 +263,13 @@ def _num(v: float | None, fmt: str = ".2f") -> str:
     return "—" if v is None else format(v, fmt)
 
 
+def _epochs(rs: list[dict[str, Any]]) -> str:
+    """The epochs the runs spent (an LTC run that converges early skips its last L steps: a fraction of an epoch
+    that is not handed to fine-tuning), one value per seed where they differ."""
+    spent = [round(float(r["epochs"]), 2) for r in sorted(rs, key=lambda r: r["seed"]) if r.get("epochs") is not None]
+    return "—" if not spent else " / ".join(format(e, "g") for e in (spent if len(set(spent)) > 1 else spent[:1]))
+
+
 def metric_distance(r: Any) -> float | None:
     """``‖W − Θ‖/‖W‖`` at the last C step measured in the C step's metric (the data metric's whitened space; equal to
     ``w_theta_final`` with ``metric='weight'``); ``None`` for one-shot methods."""
@@ -417,7 +424,7 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"{_num(_mean_sd([r.get('latency_speedup_quiet', r['latency_speedup']) for r in rs])[0])} | "
                 f"{_num(_mean_sd([r['w_theta_final'] for r in rs])[0], '.3f')} | "
                 f"{_num(_mean_sd([r.get('w_theta_final_metric') for r in rs])[0], '.3f')} | "
-                f"{rs[0]['epochs']} | {_num(_mean_sd([r['seconds'] / 60 for r in rs])[0], '.1f')} |")
+                f"{_epochs(rs)} | {_num(_mean_sd([r['seconds'] / 60 for r in rs])[0], '.1f')} |")
         if group == "main" and "ltc" in by:
             lines += ["", paired_line(by, "ltc")]
     refused = doc.get("refused") or []
