@@ -774,8 +774,8 @@ def _demo(args: argparse.Namespace, out: Path, progress: bool, threads: int, t_s
     _say(f"\n[2/4] train small_cnn (width 0.5) from scratch: {plan['epochs']} epochs of SGD, cosine LR")
     base_res = pipelines.train_run(cfg, out / "base", overwrite=True, data=data, say=_say).to_dict()
     _say(f"\n[3/4] compress with LTC to SR {args.target_sr:g} (budget mode: λ found by bisection each C step): "
-         f"{plan['steps']} LC steps (L step = {plan['epochs_per_step']} epoch of SGD on loss + "
-         "μ/2 Σ w_k‖W_k − Θ_k − φ_k/(μw_k)‖², "
+         f"{plan['steps']} LC steps (L step = {plan['epochs_per_step']} epoch of SGD on the loss, each SGD step "
+         "followed by the exact step of the penalty ρ_k/2‖W_k − Θ_k − φ_k/ρ_k‖², "
          f"C step = joint rank search per layer),\n      then {_plural(plan['finetune'], 'fine-tuning epoch')} with "
          "ranks fixed")
     res = pipelines.compress_run(cfg, out / "base", out, overwrite=True, data=data).to_dict()
