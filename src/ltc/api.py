@@ -359,9 +359,11 @@ class CompressConfig:
             return self._target()
         return gradual_targets(self.target_sr, self.steps)[min(c_step, self.steps)]
 
-    def lr_eff(self) -> float:
-        """The step size of plain gradient descent that SGD with momentum ``m`` and rate ``lr`` amounts to."""
-        return self.lr / (1.0 - self.momentum) if self.optimizer == "sgd" else self.lr
+    def lr_eff(self, lr: float | None = None) -> float:
+        """The step size of plain gradient descent that SGD with momentum ``m`` and rate ``lr`` (default: the
+        config's) amounts to."""
+        lr = self.lr if lr is None else lr
+        return lr / (1.0 - self.momentum) if self.optimizer == "sgd" else lr
 
     def schedule(self, iters_per_epoch: int | None, scale_range: tuple[float, float]) -> dict[str, float | None]:
         """The μ path for an engine whose layer weights span ``scale_range``: ``{mu0, mu_growth, mu_final,
@@ -760,8 +762,7 @@ def _penalty_hooks(comp: Any, cfg: CompressConfig, optimizer: torch.optim.Optimi
     optimizer's effective step at its current rate)."""
     if cfg.penalty_step == "gradient":
         return {"extra_loss": comp.penalty}
-    momentum = cfg.momentum if cfg.optimizer == "sgd" else 0.0
-    return {"after_step": lambda: comp.proximal_step(current_lr(optimizer) / (1.0 - momentum))}
+    return {"after_step": lambda: comp.proximal_step(cfg.lr_eff(current_lr(optimizer)))}
 
 
 def anneal_passes(passes: int, share: float) -> int:

@@ -136,6 +136,13 @@ class LayerState:
     def weight(self) -> Tensor:
         return self.module.weight
 
+    def weight_with_targets(self) -> Tensor:
+        """The layer's weight, with ``theta`` and ``phi`` moved to its device first (the model may have moved)."""
+        w = self.module.weight
+        if self.theta.device != w.device:
+            self.theta, self.phi = self.theta.to(w.device), self.phi.to(w.device)
+        return w
+
     def to_metric(self, x: Tensor) -> Tensor:
         """``x ×_in L`` (identity for the weight metric)."""
         return x if self.whitening is None else self.whitening.apply(x)
@@ -539,9 +546,7 @@ class LCEngine:
         self.start()
         total: Tensor | None = None
         for s in self.layers.values():
-            w = s.weight
-            if s.theta.device != w.device:
-                s.theta, s.phi = s.theta.to(w.device), s.phi.to(w.device)
+            w = s.weight_with_targets()
             rho = self.rho(s)
             d = 0.5 * rho * s.to_metric(w - s.theta - s.phi / rho).square().sum()
             total = d if total is None else total + d
@@ -559,9 +564,7 @@ class LCEngine:
         check_number("step_size", step_size, ge=0)
         self.start()
         for s in self.layers.values():
-            w = s.weight
-            if s.theta.device != w.device:
-                s.theta, s.phi = s.theta.to(w.device), s.phi.to(w.device)
+            w = s.weight_with_targets()
             rho = self.rho(s)
             a = float(step_size) * rho
             target = s.theta + s.phi / rho
