@@ -25,7 +25,7 @@ SUMMARY_RUN_KEYS = {"dataset", "model", "width", "method", "target_sr", "seed", 
 
 def test_quality_protocol_is_the_issue_s() -> None:
     """The default profile: 6 methods x SR 5 and 10 on 3 (dataset, model) pairs, 3 seeds on the headline, 1
-    elsewhere, every method at the same 15-epoch budget; the ablation first, seed by seed."""
+    elsewhere (3 for the close pairs), every method at the same 15-epoch budget; the ablation first, seed by seed."""
     rows = quality.protocol_rows()
     main = [r for r in rows if r.group == "main"]
     assert {(r.dataset, r.model) for r in main} == {("cifar10", "resnet34_cifar"), ("cifar10", "vgg16_cifar"),
@@ -33,7 +33,10 @@ def test_quality_protocol_is_the_issue_s() -> None:
     assert {r.method for r in main} == {"ltc", "lrc", "oneshot", "vbmf", "uniform", "prune"}
     head = [r for r in main if (r.dataset, r.model, r.target) == quality.HEADLINE]
     assert sorted({r.seed for r in head}) == [0, 1, 2] and len(head) == 18
-    assert len(main) == 18 + 6 * 5 and len({r.id for r in rows}) == len(rows)
+    close = [r for r in main if r.seed > 0 and (r.dataset, r.model, r.target) != quality.HEADLINE]
+    assert {(r.dataset, r.model, r.target, r.method, r.seed) for r in close} == {
+        (*key, m, s) for key, ms in quality.CLOSE.items() for m in ms for s in (1, 2)}
+    assert len(main) == 18 + 6 * 5 + len(close) and len({r.id for r in rows}) == len(rows)
     abl = [r for r in rows if r.group == "ablation"]
     first = [r for r in abl if r.seed == 0]
     assert rows[: len(first)] == first  # the ablation's seed 0 decides the defaults: it runs first
