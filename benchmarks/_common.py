@@ -129,16 +129,35 @@ def base_run(dataset: str, model: str, width: float, *, say: Any = print) -> Pat
         "run": {"seed": BASE_TRAINING["seed"], "progress": False},
     })
     pipelines.train_run(cfg, out, resume=True, say=say)
+    write_provenance(out)
     return out
 
 
+PROVENANCE = "provenance.json"
+
+
+def write_provenance(folder: Path) -> None:
+    """Record in a base folder that this checkout trained it: commit, date, machine. A base retrained on another
+    machine or commit need not repeat the earlier one's curve bit for bit, so the summary names which one it used."""
+    from ltc.utils import atomic_write_text
+
+    doc = {"trained_by": "benchmarks/_common.py base_run", "commit": git_commit(), "date": now(), "machine": machine()}
+    atomic_write_text(folder / PROVENANCE, json.dumps(doc, indent=1) + "\n")
+
+
 def base_record(folder: Path, dataset: str, width: float) -> dict[str, Any]:
-    """``{dataset, model, width, train_images, val_images, epochs, val_acc, val_acc_last10, path}`` of a base run."""
+    """``{dataset, model, width, train_images, val_images, epochs, val_acc, val_acc_last10, path}`` of a base run,
+    plus ``trained`` (commit and date) when this checkout trained it (:func:`write_provenance`)."""
     from ltc.results import RunResult
 
     r = RunResult.read(folder / "result.json")
     accs = [h.get("val_acc") for h in r.history if h.get("val_acc") is not None]
     sizes = r.data.get("sizes", {})
-    return {"dataset": dataset, "model": r.model, "width": width, "train_images": sizes.get("train"),
-            "val_images": sizes.get("val"), "epochs": r.epochs, "val_acc": r.acc, "val_acc_last10": accs[-10:],
-            "path": os.path.relpath(folder, REPO)}
+    rec = {"dataset": dataset, "model": r.model, "width": width, "train_images": sizes.get("train"),
+           "val_images": sizes.get("val"), "epochs": r.epochs, "val_acc": r.acc, "val_acc_last10": accs[-10:],
+           "path": os.path.relpath(folder, REPO)}
+    prov = folder / PROVENANCE
+    if prov.is_file():
+        p = json.loads(prov.read_text())
+        rec["trained"] = {"commit": p.get("commit"), "date": p.get("date")}
+    return rec

@@ -395,12 +395,15 @@ def markdown(doc: dict[str, Any]) -> str:
              + "). ‖W−Θ‖/‖W‖: at the last C step (learning methods), in weight space and "
              "in the C step's metric (with metric='data' the whitened space the penalty pulls in; the same number with "
              "metric='weight').", "",
-             "## Bases", "", "| dataset | model | width | train / val images | epochs | val acc | last 10 epochs |",
-             "|---|---|---:|---|---:|---:|---|"]
+             "## Bases", "", "| dataset | model | width | train / val images | epochs | val acc | last 10 epochs | "
+             "trained |", "|---|---|---:|---|---:|---:|---|---|"]
     for b in doc["bases"]:
         last = ", ".join(f"{100 * a:.1f}" for a in b["val_acc_last10"])
+        made = b.get("trained")
+        made_s = (f"here, {made['date']}, commit {made['commit']}" if made else "`../shared/bases` (its README)"
+                  if b["path"].startswith("../shared") else "here (no record)")
         lines.append(f"| {b['dataset']} | {b['model']} | {b['width']:g} | {b['train_images']} / {b['val_images']} | "
-                     f"{b['epochs']} | {_pct(b['val_acc'])} | {last} |")
+                     f"{b['epochs']} | {_pct(b['val_acc'])} | {last} | {made_s} |")
     groups: dict[tuple[str, str, float, str], list[dict[str, Any]]] = {}
     for r in doc["runs"]:
         key = (r["dataset"], r["model"], r["target_sr"] if r["group"] != "speed" else 0.0, r["group"])

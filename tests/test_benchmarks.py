@@ -312,3 +312,25 @@ def test_batchnorm_benchmark_measures_each_source_on_a_copy() -> None:
            "rows": [{"model": "m", "network": "base", "acc": {"stored": 0.5, "calibration": 0.25, "train16": 0.3,
                                                             "train": 0.75}}]}
     assert "| m | base | 50.00 | 25.00 | 30.00 | 75.00 | +50.00 |" in batchnorm.markdown(doc)
+
+
+def test_base_record_names_the_commit_that_trained_a_base_here(tmp_path: Path) -> None:
+    """A base the benchmarks trained carries its provenance into the summary; a base without one (a shared base)
+    gets no invented record."""
+    _common = pytest.importorskip("_common")
+    from ltc.results import RunResult
+
+    folder = tmp_path / "base"
+    folder.mkdir()
+    RunResult(kind="train", model="small_cnn", dataset="digits", acc=0.5, macs=10, params=5, epochs=2,
+              history=[{"val_acc": 0.25}, {"val_acc": 0.5}], data={"sizes": {"train": 8, "val": 4}}
+              ).write(folder / "result.json")
+    rec = _common.base_record(folder, "digits", 0.5)
+    assert "trained" not in rec and rec["val_acc_last10"] == [0.25, 0.5]
+    _common.write_provenance(folder)
+    rec = _common.base_record(folder, "digits", 0.5)
+    assert rec["trained"] == {"commit": _common.git_commit(), "date": json.loads(
+        (folder / _common.PROVENANCE).read_text())["date"]}
+    doc = json.loads((_common.RESULTS / "quality_summary.json").read_text())
+    assert f"| here, {rec['trained']['date']}, commit {rec['trained']['commit']} |" in quality.markdown(
+        {**doc, "bases": [rec]})
