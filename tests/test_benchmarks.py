@@ -266,6 +266,48 @@ def test_quality_paired_line_pairs_by_seed_and_skips_unshared_seeds() -> None:
     assert quality.paired_line({"ltc": by["ltc"]}, "ltc") == ""
 
 
+def test_quality_variants_run_on_three_seeds_after_the_close_pairs_and_differ_from_the_defaults_in_one_setting(
+        tmp_path: Path) -> None:
+    """A variant row (``VARIANTS``) runs seeds 0-2 after the close pairs' seeds and before the ablation's other seeds;
+    its resolved settings are the main LTC row's with its overrides, nothing else."""
+    base = _base(tmp_path)
+    rows = quality.protocol_rows()
+    var = [r for r in rows if r.group == "variant"]
+    assert [(r.variant, r.seed) for r in var] == [(v[3], s) for v in quality.VARIANTS for s in (0, 1, 2)]
+    first = rows.index(var[0])
+    assert rows[first: first + len(var)] == var
+    assert all(r.group == "main" and r.seed > 0 for r in rows[first - 4: first])  # the close pairs' seeds
+    assert all(r.group == "ablation" and r.seed > 0 for r in rows[first + len(var):])
+    for r in var:
+        main = quality.Row(r.dataset, r.model, r.method, r.target, r.seed)
+        mine, theirs = (quality.row_config(x, 15, base)["compress"] for x in (r, main))
+        assert {k for k in mine if mine[k] != theirs.get(k)} == set(r.overrides)
+        assert r.folder(tmp_path, {"compress": mine}) != main.folder(tmp_path, {"compress": theirs})
+
+
+def test_quality_summary_puts_a_variant_in_its_own_table_paired_with_the_default_ltc_rows() -> None:
+    """The variant's table follows the setting's Methods table and its paired line compares with that table's LTC
+    rows, seed by seed."""
+    proto = {"command": "c", "date": "d", "commit": "x", "epoch_budget": 15, "wall_seconds": 60.0,
+             "machine": {"cpu": "cpu", "cpu_count": 2, "torch": "t"}}
+    key = {"dataset": "cifar10", "model": "vgg16_cifar", "target_sr": 10.0, "sr": 10.0, "cr": 1.7,
+           "acc_before_finetune": 0.4, "latency_speedup": 1.2, "w_theta_final": 0.001, "w_theta_final_metric": 0.0,
+           "epochs": 15, "seconds": 600.0}
+    runs = [{**key, "group": "main", "variant": None, "method": "ltc", "seed": s, "acc": a}
+            for s, a in enumerate((0.62, 0.61, 0.63))]
+    runs += [{**key, "group": "main", "variant": None, "method": "uniform", "seed": 0, "acc": 0.63}]
+    runs += [{**key, "group": "variant", "variant": "ltc+gradient", "method": "ltc", "seed": s, "acc": a}
+             for s, a in enumerate((0.645, 0.64))]
+    md = quality.markdown({"protocol": proto, "bases": [], "runs": runs})
+    methods = md.index("## Methods: cifar10 / vgg16_cifar / target SR 10")
+    variant = md.index("## One change to LTC's defaults: cifar10 / vgg16_cifar / target SR 10")
+    assert methods < variant
+    table = md[variant:]
+    assert "| ltc+gradient | 2 | 64.25 ± 0.35 | s0 64.50 / s1 64.00 |" in table
+    assert "LTC minus each variant, paired by seed (points): ltc+gradient -2.75 ± 0.35 (2 seeds)." in table
+    assert "Tucker uniform" not in table
+
+
 def test_quality_records_a_target_the_method_cannot_reach_and_goes_on(tmp_path: Path, monkeypatch, capsys) -> None:
     """A row whose target is beyond the method's reach (here SR 1000 on small_cnn) is recorded as refused with the
     engine's message, the next row still runs, and a rerun skips it."""
