@@ -1587,7 +1587,8 @@ def test_proximal_step_is_the_exact_minimiser_of_the_step_objective(seed, log_et
     w0 = {n: s.weight.detach().clone() for n, s in comp.layers.items()}
     eta = 10.0 ** log_eta
     comp.proximal_step(eta)
-    grads = torch.autograd.grad(comp.penalty(), [s.weight for s in comp.layers.values()])
+    with pytest.warns(UserWarning, match=r"penalty_step='proximal'.*pulls twice"):  # here it is the objective
+        grads = torch.autograd.grad(comp.penalty(), [s.weight for s in comp.layers.values()])
     assert any(s.rank is not None for s in comp.layers.values())
     for (n, s), g in zip(comp.layers.items(), grads, strict=True):
         if s.rank is None:  # a dense layer's Θ + φ/ρ is W itself: it stays
@@ -1611,7 +1612,8 @@ def test_proximal_step_pins_w_where_the_gradient_step_diverges(metric):
     floor = min(comp.rho(s) * (1.0 if s.whitening is None else s.whitening.floor) for s in comp.layers.values())
     eta = 1e6 / floor
     before = {n: s.weight.detach().clone() for n, s in comp.layers.items()}
-    grads = torch.autograd.grad(comp.penalty(), [s.weight for s in comp.layers.values()])
+    with pytest.warns(UserWarning, match="proximal"):
+        grads = torch.autograd.grad(comp.penalty(), [s.weight for s in comp.layers.values()])
     comp.proximal_step(eta)
     for (n, s), g in zip(comp.layers.items(), grads, strict=True):
         target = s.theta + s.phi / comp.rho(s)
@@ -1619,6 +1621,24 @@ def test_proximal_step_pins_w_where_the_gradient_step_diverges(metric):
         if s.rank is not None:  # (a dense layer sits at its target already)
             assert float((before[n] - eta * g - target).norm()) > 1e3 * float((before[n] - target).norm()), n
     assert any(s.rank is not None for s in comp.layers.values())
+
+
+def test_penalty_warns_once_on_a_proximal_engine_and_never_on_a_gradient_one():
+    """Adding ``penalty()`` to the loss of an engine whose L steps are proximal would pull twice: the first call says
+    so and names the fix; later calls and the gradient engine stay quiet."""
+    import warnings
+
+    for step in ("gradient", "proximal"):
+        comp = ltc.LTC(_net(1, a=5, b=6, c=4), X_NET, target_sr=2.0, penalty_step=step)
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            first, second = comp.penalty(), comp.penalty()
+        assert float(first.detach()) == float(second.detach())  # the warning changes nothing
+        msgs = [str(w.message) for w in got]
+        if step == "gradient":
+            assert msgs == []
+        else:
+            assert len(msgs) == 1 and "build the engine with penalty_step='gradient'" in msgs[0]
 
 
 def test_the_proximal_cap_is_set_by_the_smallest_eigenvalue_and_the_gradient_cap_by_the_largest():

@@ -34,6 +34,7 @@ import heapq
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -298,6 +299,7 @@ class LCEngine:
         self.n_iter, self.tol = int(cfg.n_iter), float(cfg.tol)
         self.conv_scheme, self.weighting, self.metric = cfg.conv_scheme, cfg.weighting, cfg.metric
         self.penalty_step = cfg.penalty_step
+        self._warned_penalty = False
         self.calibration = calibration
         self.latency_table = latency_table
         self.steps_done = 0
@@ -542,7 +544,16 @@ class LCEngine:
 
     # ----------------------------------------------------------------------------------------- L step
     def penalty(self) -> Tensor:
-        """``Σ_k ρ_k/2 · ‖W_k − Θ_k − φ_k/ρ_k‖²_k``, differentiable in the weights; add it to the training loss."""
+        """``Σ_k ρ_k/2 · ‖W_k − Θ_k − φ_k/ρ_k‖²_k``, differentiable in the weights; add it to the training loss.
+
+        With ``penalty_step='proximal'`` the L steps apply it by :meth:`proximal_step` instead: the first call then
+        warns (added to the loss as well it would pull twice, and at the proximal cap its gradient step diverges)."""
+        if self.penalty_step == "proximal" and not self._warned_penalty:
+            self._warned_penalty = True
+            warnings.warn("penalty() on an engine built with penalty_step='proximal': its L steps apply the penalty "
+                          "by proximal_step() after each optimizer step, so adding penalty() to the loss as well "
+                          "pulls twice (and at the proximal cap its gradient step can diverge). To add penalty() to "
+                          "the loss instead, build the engine with penalty_step='gradient'.", stacklevel=2)
         self.start()
         total: Tensor | None = None
         for s in self.layers.values():
