@@ -38,24 +38,15 @@ def load_average() -> float | None:
         return None
 
 
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine(**extra: Any) -> dict[str, Any]:
     """Platform, CPU, Python and torch versions, torch thread counts and the load average now, plus ``extra``."""
     import torch
 
+    from ltc.utils import cpu_name
+
     return {
         "platform": platform.platform(),
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -129,25 +120,19 @@ def base_run(dataset: str, model: str, width: float, *, say: Any = print) -> Pat
         "run": {"seed": BASE_TRAINING["seed"], "progress": False},
     })
     pipelines.train_run(cfg, out, resume=True, say=say)
-    write_provenance(out)
     return out
 
 
 PROVENANCE = "provenance.json"
-
-
-def write_provenance(folder: Path) -> None:
-    """Record in a base folder that this checkout trained it: commit, date, machine. A base retrained on another
-    machine or commit need not repeat the earlier one's curve bit for bit, so the summary names which one it used."""
-    from ltc.utils import atomic_write_text
-
-    doc = {"trained_by": "benchmarks/_common.py base_run", "commit": git_commit(), "date": now(), "machine": machine()}
-    atomic_write_text(folder / PROVENANCE, json.dumps(doc, indent=1) + "\n")
+"""Written by hand (or by this script before 2026-12-08) into a base folder whose result.json predates
+``written_by``: ``{commit, date, ...}``."""
 
 
 def base_record(folder: Path, dataset: str, width: float) -> dict[str, Any]:
     """``{dataset, model, width, train_images, val_images, epochs, val_acc, val_acc_last10, path}`` of a base run,
-    plus ``trained`` (commit and date) when this checkout trained it (:func:`write_provenance`)."""
+    plus ``trained`` (commit and date) where the record says what wrote it (``written_by`` in its result.json, or a
+    :data:`PROVENANCE` file beside it): a base retrained on another machine or commit need not repeat the earlier
+    one's curve bit for bit, so the summary names which one it used."""
     from ltc.results import RunResult
 
     r = RunResult.read(folder / "result.json")
@@ -157,7 +142,7 @@ def base_record(folder: Path, dataset: str, width: float) -> dict[str, Any]:
            "val_images": sizes.get("val"), "epochs": r.epochs, "val_acc": r.acc, "val_acc_last10": accs[-10:],
            "path": os.path.relpath(folder, REPO)}
     prov = folder / PROVENANCE
-    if prov.is_file():
-        p = json.loads(prov.read_text())
-        rec["trained"] = {"commit": p.get("commit"), "date": p.get("date")}
+    made = json.loads(prov.read_text()) if prov.is_file() else r.written_by
+    if made:
+        rec["trained"] = {"commit": made.get("commit"), "date": made.get("date")}
     return rec

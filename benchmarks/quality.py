@@ -411,10 +411,10 @@ def markdown(doc: dict[str, Any]) -> str:
              "trained |", "|---|---|---:|---|---:|---:|---|---|"]
     for b in doc["bases"]:
         last = ", ".join(f"{100 * a:.1f}" for a in b["val_acc_last10"])
-        if made := b.get("trained"):
-            made_s = f"here, {made['date']}, commit {made['commit']}"
-        elif b["path"].startswith("../shared"):
+        if b["path"].startswith("../shared"):
             made_s = "`../shared/bases` (its README)"
+        elif made := b.get("trained"):
+            made_s = f"here, {made['date']}, commit {made['commit']}"
         else:
             made_s = "here (no record)"
         lines.append(f"| {b['dataset']} | {b['model']} | {b['width']:g} | {b['train_images']} / {b['val_images']} | "

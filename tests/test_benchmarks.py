@@ -357,22 +357,26 @@ def test_batchnorm_benchmark_measures_each_source_on_a_copy() -> None:
 
 
 def test_base_record_names_the_commit_that_trained_a_base_here(tmp_path: Path) -> None:
-    """A base the benchmarks trained carries its provenance into the summary; a base without one (a shared base)
-    gets no invented record."""
+    """A base whose result.json says what wrote it (``written_by``) carries that into the summary; one from before
+    the field (``written_by`` empty) gets no invented record unless a provenance file stands beside it."""
     _common = pytest.importorskip("_common")
     from ltc.results import RunResult
 
     folder = tmp_path / "base"
     folder.mkdir()
-    RunResult(kind="train", model="small_cnn", dataset="digits", acc=0.5, macs=10, params=5, epochs=2,
-              history=[{"val_acc": 0.25}, {"val_acc": 0.5}], data={"sizes": {"train": 8, "val": 4}}
-              ).write(folder / "result.json")
+    res = RunResult(kind="train", model="small_cnn", dataset="digits", acc=0.5, macs=10, params=5, epochs=2,
+                    history=[{"val_acc": 0.25}, {"val_acc": 0.5}], data={"sizes": {"train": 8, "val": 4}})
+    res.write(folder / "result.json")
+    made = json.loads((folder / "result.json").read_text())["written_by"]
     rec = _common.base_record(folder, "digits", 0.5)
-    assert "trained" not in rec and rec["val_acc_last10"] == [0.25, 0.5]
-    _common.write_provenance(folder)
+    assert rec["trained"] == {"commit": made["commit"], "date": made["date"]} and rec["val_acc_last10"] == [0.25, 0.5]
+    old = {k: v for k, v in res.to_dict().items() if k != "written_by"}  # a record from before the field
+    (folder / "result.json").write_text(json.dumps(old))
+    assert "trained" not in _common.base_record(folder, "digits", 0.5)
+    (folder / _common.PROVENANCE).write_text(json.dumps({"commit": "abc1234", "date": "2026-12-07 19:06 UTC"}))
     rec = _common.base_record(folder, "digits", 0.5)
-    assert rec["trained"] == {"commit": _common.git_commit(), "date": json.loads(
-        (folder / _common.PROVENANCE).read_text())["date"]}
+    assert rec["trained"] == {"commit": "abc1234", "date": "2026-12-07 19:06 UTC"}
     doc = json.loads((_common.RESULTS / "quality_summary.json").read_text())
-    assert f"| here, {rec['trained']['date']}, commit {rec['trained']['commit']} |" in quality.markdown(
-        {**doc, "bases": [rec]})
+    assert "| here, 2026-12-07 19:06 UTC, commit abc1234 |" in quality.markdown({**doc, "bases": [rec]})
+    shared = {**rec, "path": "../shared/bases/x"}  # a shared base: its README says how it was made
+    assert "| `../shared/bases` (its README) |" in quality.markdown({**doc, "bases": [shared]})

@@ -185,6 +185,39 @@ def test_run_result_write_read_round_trip(res: RunResult) -> None:
     assert RunResult.from_dict(res.to_dict()) == res
 
 
+def test_a_written_record_names_what_wrote_it_and_an_older_one_reads_without(tmp_path: Path) -> None:
+    """``write`` stamps ``written_by``: this ltc's version, the commit of the checkout it runs from (the editable
+    install's; ``None`` outside a checkout), torch, this CPU and the date; a record from before the field reads back
+    with it empty."""
+    import datetime as dt
+    import shutil
+    import subprocess
+
+    import torch
+
+    import ltc
+    from ltc.utils import cpu_name
+
+    res = RunResult(kind="train", model="m", acc=0.5, macs=10, params=3)
+    before = dt.datetime.now(dt.UTC).replace(second=0, microsecond=0)
+    res.write(tmp_path / "result.json")
+    made = RunResult.read(tmp_path / "result.json").written_by
+    assert (made["ltc"], made["torch"], made["cpu"]) == (ltc.__version__, torch.__version__, cpu_name())
+    stamped = dt.datetime.strptime(made["date"], "%Y-%m-%d %H:%M UTC").replace(tzinfo=dt.UTC)
+    assert before <= stamped <= dt.datetime.now(dt.UTC)
+    src = Path(ltc.__file__).resolve().parent
+    top = (subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=src, capture_output=True, text=True)
+           if shutil.which("git") else None)
+    if top is not None and top.returncode == 0 and (Path(top.stdout.strip()) / "src" / "ltc").resolve() == src:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=src, capture_output=True,
+                              text=True).stdout.strip()
+        assert made["commit"] in (head, head + "+dirty")
+    else:
+        assert made["commit"] is None
+    old = {k: v for k, v in res.to_dict().items() if k != "written_by"}
+    assert RunResult.from_dict(old).written_by == {}
+
+
 def test_run_result_stores_non_finite_numbers_as_null(tmp_path: Path) -> None:
     res = RunResult(kind="train", model="m", acc=float("nan"), macs=10, params=3,
                     history=[{"val_loss": float("inf"), "val_acc": None, "lr": 0.1}])

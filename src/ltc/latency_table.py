@@ -37,7 +37,6 @@ import json
 import logging
 import math
 import os
-import platform
 import statistics
 import time
 import warnings
@@ -54,7 +53,7 @@ from .batchnorm import fold_batchnorm
 from .cost import LayerGeometry, record_geometry
 from .latency import _num_threads, check_memory_format, onnx_session, to_memory_format
 from .surgery import unwrap
-from .utils import atomic_write_text, resolve_device
+from .utils import atomic_write_text, cpu_name, resolve_device
 
 __all__ = ["LatencyTable", "LayerLatency", "Curve", "Surface", "OpSpec", "measured_ranks", "core_ranks",
            "default_cache_dir", "RUNTIMES", "PARTS", "savings_scale", "calibrated_speedup", "table_target"]
@@ -411,13 +410,7 @@ def _assemble(layers: list[tuple[LayerGeometry, _ConvParams | None]], ms: Latenc
 def _device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(dev)}"
-    name = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    return f"cpu:{name or platform.processor() or platform.machine() or 'unknown'}"
+    return f"cpu:{cpu_name()}"
 
 
 def _runtime_tag(runtime: str) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .utils import atomic_write_text, is_main_process, json_safe, read_json
+from .utils import atomic_write_text, environment, is_main_process, json_safe, read_json
 
 __all__ = ["SCHEMA_VERSION", "RunResult"]
 
@@ -38,6 +38,8 @@ class RunResult:
     measured speed-up and the corrections), ``latency`` (``{"batch1": compare_latency(...)}``),
     ``history`` (one row per C step), ``log`` (one row per epoch), ``compress_config``, ``base_run``.
     ``finetune``: set by ``ltc finetune`` (``{"from", "epochs", "lr", "acc_before", "history"}``).
+    ``written_by``: set by :meth:`write`, the environment that wrote the record (:func:`ltc.utils.environment`:
+    ltc version and source commit, torch, Python, platform, CPU, date); empty in records from before it existed.
     """
 
     kind: str
@@ -70,6 +72,7 @@ class RunResult:
     compress_config: dict[str, Any] = field(default_factory=dict)
     base_run: str | None = None
     finetune: dict[str, Any] | None = None
+    written_by: dict[str, Any] = field(default_factory=dict)
     schema: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -106,8 +109,10 @@ class RunResult:
         return cls(**{k: v for k, v in data.items() if k in names and k != "kind"}, kind=kind)
 
     def write(self, path: str | Path) -> None:
-        """Atomically write the JSON record (main process only)."""
+        """Atomically write the JSON record (main process only), stamped with the environment writing it
+        (``written_by``)."""
         if is_main_process():
+            self.written_by = environment()
             atomic_write_text(path, json.dumps(self.to_dict(), indent=2, default=str) + "\n")
 
     @classmethod

@@ -2,7 +2,8 @@
 
 A run folder holds::
 
-    result.json   the outcome: an ltc.results.RunResult (kind "train" or "compress"; schema there)
+    result.json   the outcome: an ltc.results.RunResult (kind "train" or "compress"; schema there), with
+                  written_by: the ltc version and commit, torch, CPU and date that wrote it
     model.pt      the model (ltc.save: safe to load, rebuilds zoo models, factorised and resized layers)
     run.json      written when a training run starts: model config and data description (lets an unfinished
                   run's checkpoint.pt be evaluated)

@@ -1,4 +1,5 @@
-"""Small shared helpers: atomic file writes, RNG seeding/state, distributed info, device selection."""
+"""Small shared helpers: atomic file writes, RNG seeding/state, distributed info, device selection, the environment
+a run was made in."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ __all__ = [
     "world_size",
     "rank",
     "resolve_device",
+    "cpu_name",
+    "environment",
 ]
 
 
@@ -325,3 +328,49 @@ def json_safe(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [json_safe(v) for v in obj]
     return obj
+
+
+# --------------------------------------------------------------------------- environment
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what :mod:`platform` knows; ``'unknown'``)."""
+    import platform
+
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _source_commit() -> str | None:
+    """The short git commit of the checkout this ``ltc`` is imported from (an editable install); ``None`` for an
+    installed wheel or without git. A checkout with uncommitted changes gets ``+dirty``."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=here, capture_output=True, text=True,
+                             timeout=10)
+        if top.returncode != 0 or not (Path(top.stdout.strip()) / "src" / "ltc").resolve() == here:
+            return None
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
+
+
+def environment() -> dict[str, Any]:
+    """What made a record, for its reader: ``{ltc, commit, torch, python, platform, cpu, cpu_count, date}``;
+    ``commit`` is the source checkout's (``None`` for an installed wheel), ``date`` UTC (``YYYY-MM-DD HH:MM UTC``).
+    The same settings need not repeat a curve bit for bit on another CPU or torch: this says which one it was."""
+    import datetime as dt
+    import platform
+
+    from . import __version__
+
+    return {"ltc": __version__, "commit": _source_commit(), "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_name(),
+            "cpu_count": os.cpu_count(), "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
