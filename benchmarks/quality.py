@@ -150,6 +150,10 @@ CLOSE = {("cifar10", "vgg16_cifar", 10.0): ("ltc", "uniform")}
 # replaced (62.90 % against 64.50 % on seed 0), and where LTC trails uniform ranks on the mean; does it?
 VARIANTS: list[tuple[str, str, float, str, str, dict[str, Any]]] = [
     ("cifar10", "vgg16_cifar", 10.0, "ltc+gradient", "ltc", {"penalty_step": "gradient"}),
+    # the proximal step on the gradient step's μ path (``mu_path='stable'``: μ_final 34.3 on this row) instead of
+    # the one that pins every direction (μ_final 1055.6): that path is 5x stronger than the gradient one at every C
+    # step, and its L steps' loss rose to the end (4.1 against 2.9 on seed 1)
+    ("cifar10", "vgg16_cifar", 10.0, "ltc+stable-path", "ltc", {"mu_path": "stable"}),
 ]
 # Quality at a measured speed-up (issue 14): LTC with the measured-latency cost (target_speedup, eager PyTorch,
 # batch 1, 2 threads, NCHW: channels_last makes this small network slower, latency_channels_last.md) against the

@@ -494,6 +494,21 @@ def test_proximal_l_steps_end_closer_to_theta_than_gradient_ones():
     assert dist["proximal"] < 0.5 * dist["gradient"]
 
 
+def test_the_stable_mu_path_is_the_gradient_step_s_and_the_pinning_one_ends_higher():
+    """``mu_path='stable'`` gives the proximal step the gradient step's μ at every C step (the same path, so the
+    difference between the two is the step alone); the default for the proximal step (``'pin'``) ends higher, where
+    the least-pulled direction reaches the cap, and nearer Θ."""
+    train, _ = loaders()
+    runs = {}
+    for name, kw in (("gradient", {"penalty_step": "gradient"}), ("stable", {"mu_path": "stable"}),
+                     ("pin", {})):
+        res = compress(base_model(), train, method="ltc", metric="data", **{**RESUME_KW, **COSINE, **kw})
+        runs[name] = ([row["mu"] for row in res.history], res.history[-1]["distance"])
+    assert runs["stable"][0] == pytest.approx(runs["gradient"][0], rel=1e-12)
+    assert runs["pin"][0][0] == runs["stable"][0][0] and runs["pin"][0][-1] > 2 * runs["stable"][0][-1]
+    assert runs["pin"][1] < runs["stable"][1]
+
+
 def test_lr_anneal_holds_the_rate_then_anneals_over_the_last_share_of_the_l_steps():
     """``lr_anneal=0.5`` over 4 L steps: 2 passes held at ``lr``, then the cosine over the last 2 (1, then 0.5);
     the penalty's scale follows, and fine-tuning starts afresh at ``finetune_lr``."""
@@ -570,6 +585,9 @@ def test_resume_from_another_methods_checkpoint_is_refused(tmp_path, monkeypatch
         ({"method": "nope"}, "unknown method 'nope'"),
         ({"target_schedule": "slow"}, "target_schedule must be one of 'fixed', 'gradual', got 'slow'"),
         ({"penalty_step": "prox"}, "penalty_step must be one of 'gradient', 'proximal', got 'prox'"),
+        ({"mu_path": "steep"}, "mu_path must be one of 'pin', 'stable', got 'steep'"),
+        ({"mu_path": "pin", "penalty_step": "gradient"},
+         "mu_path='pin' needs penalty_step='proximal': the gradient step caps each layer's pull"),
         ({"target_schedule": "gradual", "target_sr": None, "lam": 1e-3}, "it needs target_sr (not lam"),
         ({"target_schedule": "gradual", "method": "oneshot"}, "method 'oneshot' picks its ranks once"),
     ],
