@@ -142,7 +142,7 @@ def base_record(folder: Path, dataset: str, width: float) -> dict[str, Any]:
            "val_images": sizes.get("val"), "epochs": r.epochs, "val_acc": r.acc, "val_acc_last10": accs[-10:],
            "path": os.path.relpath(folder, REPO)}
     prov = folder / PROVENANCE
-    made = json.loads(prov.read_text()) if prov.is_file() else r.written_by
+    made = r.written_by or (json.loads(prov.read_text()) if prov.is_file() else {})
     if made:
-        rec["trained"] = {"commit": made.get("commit"), "date": made.get("date")}
+        rec["trained"] = {"commit": made.get("commit"), "date": made.get("date"), "ltc": made.get("ltc")}
     return rec

@@ -197,7 +197,9 @@ class Row:
         import hashlib
         import json
 
-        digest = hashlib.sha256(json.dumps(cfg["compress"], sort_keys=True, default=str).encode()).hexdigest()[:8]
+        # settings left at None are left out, so that a new optional setting does not rename every folder
+        settings = {k: v for k, v in cfg["compress"].items() if v is not None}
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
         return root / f"{self.dataset}_{self.model}" / f"{self.method}_sr{self.target:g}_s{self.seed}_{digest}"
 
 
@@ -222,8 +224,8 @@ def protocol_rows(ablation: bool = True) -> list[Row]:
     def rank(r: Row) -> tuple[int, ...]:
         if r.group == "speed":  # after the main rows, before the ablation's other seeds
             return (4, 1)
-        if r.group == "variant":  # after the close pairs' seeds
-            return (4, 3, r.seed)
+        if r.group == "variant":  # after the close pairs' seeds, one variant after another
+            return (4, 3, [v[3] for v in VARIANTS].index(r.variant), r.seed)
         if r.group == "ablation":
             return (0 if r.seed == 0 else 5, r.seed)
         if (r.dataset, r.model, r.target) == HEADLINE:
@@ -418,7 +420,8 @@ def markdown(doc: dict[str, Any]) -> str:
         if b["path"].startswith("../shared"):
             made_s = "`../shared/bases` (its README)"
         elif made := b.get("trained"):
-            made_s = f"here, {made['date']}, commit {made['commit']}"
+            made_s = f"here, {made['date']}, " + (f"commit {made['commit']}" if made.get("commit") else
+                                                   f"ltc {made.get('ltc')} (no checkout)")
         else:
             made_s = "here (no record)"
         lines.append(f"| {b['dataset']} | {b['model']} | {b['width']:g} | {b['train_images']} / {b['val_images']} | "

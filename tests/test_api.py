@@ -586,6 +586,8 @@ def test_resume_from_another_methods_checkpoint_is_refused(tmp_path, monkeypatch
         ({"target_schedule": "slow"}, "target_schedule must be one of 'fixed', 'gradual', got 'slow'"),
         ({"penalty_step": "prox"}, "penalty_step must be one of 'gradient', 'proximal', got 'prox'"),
         ({"mu_path": "steep"}, "mu_path must be one of 'pin', 'stable', got 'steep'"),
+        ({"mu_path": "stable", "mu_final": 3.0}, "mu_path='stable' shapes the automatic μ path and mu_final sets"),
+        ({"mu_path": "pin", "mu_growth": 1.5}, "mu_path='pin' shapes the automatic μ path and mu_growth sets"),
         ({"mu_path": "pin", "penalty_step": "gradient"},
          "mu_path='pin' needs penalty_step='proximal': the gradient step caps each layer's pull"),
         ({"target_schedule": "gradual", "target_sr": None, "lam": 1e-3}, "it needs target_sr (not lam"),

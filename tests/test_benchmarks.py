@@ -369,14 +369,20 @@ def test_base_record_names_the_commit_that_trained_a_base_here(tmp_path: Path) -
     res.write(folder / "result.json")
     made = json.loads((folder / "result.json").read_text())["written_by"]
     rec = _common.base_record(folder, "digits", 0.5)
-    assert rec["trained"] == {"commit": made["commit"], "date": made["date"]} and rec["val_acc_last10"] == [0.25, 0.5]
+    assert rec["trained"] == {"commit": made["commit"], "date": made["date"], "ltc": made["ltc"]}
+    assert rec["val_acc_last10"] == [0.25, 0.5]
+    (folder / _common.PROVENANCE).write_text(json.dumps({"commit": "abc1234", "date": "2026-12-07 19:06 UTC"}))
+    assert _common.base_record(folder, "digits", 0.5)["trained"]["date"] == made["date"]  # the record's own stamp wins
+    (folder / _common.PROVENANCE).unlink()
     old = {k: v for k, v in res.to_dict().items() if k != "written_by"}  # a record from before the field
     (folder / "result.json").write_text(json.dumps(old))
     assert "trained" not in _common.base_record(folder, "digits", 0.5)
     (folder / _common.PROVENANCE).write_text(json.dumps({"commit": "abc1234", "date": "2026-12-07 19:06 UTC"}))
     rec = _common.base_record(folder, "digits", 0.5)
-    assert rec["trained"] == {"commit": "abc1234", "date": "2026-12-07 19:06 UTC"}
+    assert rec["trained"] == {"commit": "abc1234", "date": "2026-12-07 19:06 UTC", "ltc": None}
     doc = json.loads((_common.RESULTS / "quality_summary.json").read_text())
     assert "| here, 2026-12-07 19:06 UTC, commit abc1234 |" in quality.markdown({**doc, "bases": [rec]})
+    wheel = {**rec, "trained": {"commit": None, "date": "d", "ltc": "0.2.0"}}  # written by an installed ltc
+    assert "| here, d, ltc 0.2.0 (no checkout) |" in quality.markdown({**doc, "bases": [wheel]})
     shared = {**rec, "path": "../shared/bases/x"}  # a shared base: its README says how it was made
     assert "| `../shared/bases` (its README) |" in quality.markdown({**doc, "bases": [shared]})

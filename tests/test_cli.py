@@ -340,6 +340,8 @@ def test_compress_needs_lam_or_target(runs_dir: Path, capsys: pytest.CaptureFixt
     (["--lam", "1", "--kd-weight", "1.5"], {"lam": 1.0, "kd_weight": 1.5}),
     (["--lam", "1", "--rank-multiple", "0"], {"lam": 1.0, "rank_multiple": 0}),
     (["--target-sr", "0.5"], {"target_sr": 0.5}),
+    (["--lam", "1", "--mu-path", "pin", "--penalty-step", "gradient"],
+     {"lam": 1.0, "mu_path": "pin", "penalty_step": "gradient"}),
     (["--method", "oneshot", "--lam", "1", "--epochs", "3", "--finetune-epochs", "2"],
      {"method": "oneshot", "lam": 1.0, "epochs": 3, "finetune_epochs": 2}),
 ])

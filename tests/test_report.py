@@ -186,36 +186,61 @@ def test_run_result_write_read_round_trip(res: RunResult) -> None:
 
 
 def test_a_written_record_names_what_wrote_it_and_an_older_one_reads_without(tmp_path: Path) -> None:
-    """``write`` stamps ``written_by``: this ltc's version, the commit of the checkout it runs from (the editable
-    install's; ``None`` outside a checkout), torch, this CPU and the date; a record from before the field reads back
-    with it empty."""
+    """``write`` stamps ``written_by``: this ltc's version, the commit of its source checkout, torch, this CPU and the
+    date; a record from before the field reads back with it empty."""
     import datetime as dt
-    import shutil
-    import subprocess
 
     import torch
 
     import ltc
-    from ltc.utils import cpu_name
+    from ltc.utils import cpu_name, source_commit
 
     res = RunResult(kind="train", model="m", acc=0.5, macs=10, params=3)
     before = dt.datetime.now(dt.UTC).replace(second=0, microsecond=0)
     res.write(tmp_path / "result.json")
     made = RunResult.read(tmp_path / "result.json").written_by
     assert (made["ltc"], made["torch"], made["cpu"]) == (ltc.__version__, torch.__version__, cpu_name())
+    assert made["commit"] == source_commit()
     stamped = dt.datetime.strptime(made["date"], "%Y-%m-%d %H:%M UTC").replace(tzinfo=dt.UTC)
     assert before <= stamped <= dt.datetime.now(dt.UTC)
-    src = Path(ltc.__file__).resolve().parent
-    top = (subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=src, capture_output=True, text=True)
-           if shutil.which("git") else None)
-    if top is not None and top.returncode == 0 and (Path(top.stdout.strip()) / "src" / "ltc").resolve() == src:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=src, capture_output=True,
-                              text=True).stdout.strip()
-        assert made["commit"] in (head, head + "+dirty")
-    else:
-        assert made["commit"] is None
     old = {k: v for k, v in res.to_dict().items() if k != "written_by"}
     assert RunResult.from_dict(old).written_by == {}
+
+
+def test_source_commit_names_the_checkout_and_only_source_changes_make_it_dirty(tmp_path: Path, monkeypatch) -> None:
+    """A package at ``<repo>/src/ltc`` gets the repo's short commit; an edit under ``src/`` adds ``+dirty``, an edit
+    elsewhere (a benchmark result) does not; a package dir that is not ``src/ltc`` of its checkout, or no git on the
+    PATH, gives ``None``."""
+    import shutil
+    import subprocess
+
+    from ltc.utils import source_commit
+
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    pkg = tmp_path / "repo" / "src" / "ltc"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("x = 1\n")
+    (tmp_path / "repo" / "results.md").write_text("a\n")
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path / "repo",
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "first")
+    head = git("rev-parse", "--short", "HEAD")
+    assert source_commit(pkg) == head
+    (tmp_path / "repo" / "results.md").write_text("b\n")
+    assert source_commit(pkg) == head
+    (pkg / "__init__.py").write_text("x = 2\n")
+    assert source_commit(pkg) == head + "+dirty"
+    other = tmp_path / "repo" / "lib"
+    other.mkdir()
+    assert source_commit(other) is None
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    assert source_commit(pkg) is None
 
 
 def test_run_result_stores_non_finite_numbers_as_null(tmp_path: Path) -> None:

@@ -156,10 +156,11 @@ class CompressConfig:
     metric's largest eigenvalue, so that SGD stays stable, and the other directions of ``W − Θ`` are pulled that much
     less); ``'proximal'`` applies its exact step after each optimizer step
     (:meth:`ltc.engine.LCEngine.proximal_step`, stable at any ρ), the cap divided by the metric's *smallest*
-    eigenvalue. ``mu_path`` (with ``mu_final=None``): ``'pin'`` (the proximal step's default) ends the path where the
-    least-pulled layer's least-pulled direction reaches the cap, so that the last L step pins every direction;
-    ``'stable'`` (the gradient step's, its only choice) where the least-pulled layer reaches it as weighted (``w_k``),
-    a path 20-30x lower at its end on the CIFAR-10 bases and as much lower at every C step.
+    eigenvalue. ``mu_path`` (the automatic path: not with ``mu_final`` or ``mu_growth``): ``'pin'`` (the proximal
+    step's default) ends it where the least-pulled layer's least-pulled direction reaches the cap, so that the last L
+    step pins every direction; ``'stable'`` (the gradient step's, its only choice) where the least-pulled layer
+    reaches it as weighted (``w_k``). Both start at ``mu0``; on VGG-16 (width 0.25, CIFAR-10) the stable path ends
+    31x lower (μ 34.3 against 1055.6), the gap growing geometrically from step to step.
     L steps use learning rate ``lr`` (``lr_schedule``: ``'cosine'``, held at ``lr`` for the first ``1 − lr_anneal``
     of the LC epochs and annealed to 0 over the rest (``lr_anneal=1``: cosine over all of them), or ``'restart'``:
     decayed by ``lr_decay`` per epoch and restarted each L step, as in the LC paper's scripts) and weight decay
@@ -295,6 +296,10 @@ class CompressConfig:
         check_choice("mu_cap", self.mu_cap, ("layer", "global", "none"))
         if self.mu_path is not None:
             self.mu_path = check_choice("mu_path", self.mu_path, MU_PATHS)
+        if self.mu_path is not None and (self.mu_final is not None or self.mu_growth is not None):
+            given = "mu_final" if self.mu_final is not None else "mu_growth"
+            raise ValueError(f"mu_path={self.mu_path!r} shapes the automatic μ path and {given} sets the path itself; "
+                             f"give one of them")
         if self.mu_path == "pin" and self.penalty_step == "gradient":
             raise ValueError("mu_path='pin' needs penalty_step='proximal': the gradient step caps each layer's pull by "
                              "its metric's largest eigenvalue, so a path aimed past that only reaches the cap sooner; "

@@ -35,6 +35,7 @@ from .settings import (
     LC_LR_SCHEDULES,
     MEMORY_FORMATS,
     METRICS,
+    MU_PATHS,
     OPTIMIZERS,
     PENALTY_STEPS,
     SCHEDULES,
@@ -207,6 +208,9 @@ def _compress_opts(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
       help=f"apply the LC penalty in L steps as a gradient in the loss, or as its exact step after each optimizer "
            f"step (proximal: stable at any penalty weight, so every direction of W − Θ can be pinned) "
            f"(default {CompressConfig.default('penalty_step')})")
+    f("--mu-path", key="compress.mu_path", choices=MU_PATHS,
+      help="where the automatic μ path ends: 'pin', where every direction of W − Θ reaches the cap (the proximal "
+           "step's default), or 'stable', the gradient step's path")
     f("--weighting", key="compress.weighting", choices=WEIGHTINGS,
       help="compare layers' errors relative to their weight norms (default), in absolute terms (SPEC §3), or "
            "relative and weighted by each layer's loss sensitivity (Fisher, on the calibration images)")

@@ -510,8 +510,8 @@ class LCEngine:
     @property
     def floor_range(self) -> tuple[float, float]:
         """``(min_k w_k·f_k, max_k w_k·f_k)`` with ``f_k`` the smallest eigenvalue of layer ``k``'s metric (1 in weight
-        space): how hard μ pulls each layer's least-pulled direction (the proximal L step's μ path ends where the
-        smallest of them reaches the cap)."""
+        space): how hard μ pulls each layer's least-pulled direction (``mu_path='pin'``, the proximal L step's
+        default, ends the μ path where the smallest of them reaches the cap)."""
         self.prepare()
         pulls = [s.scale * (1.0 if s.whitening is None else s.whitening.floor) for s in self.layers.values()]
         return min(pulls), max(pulls)

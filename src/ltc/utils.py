@@ -28,6 +28,7 @@ __all__ = [
     "resolve_device",
     "cpu_name",
     "environment",
+    "source_commit",
 ]
 
 
@@ -342,35 +343,50 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def _source_commit() -> str | None:
-    """The short git commit of the checkout this ``ltc`` is imported from (an editable install); ``None`` for an
-    installed wheel or without git. A checkout with uncommitted changes gets ``+dirty``."""
+def source_commit(package_dir: str | os.PathLike[str] | None = None) -> str | None:
+    """The short git commit of the checkout whose ``src/ltc`` is ``package_dir`` (default: this ``ltc``'s, as an
+    editable install has it); ``None`` for an installed wheel, outside a checkout or without git. Uncommitted changes
+    to the tracked files under ``src/`` add ``+dirty`` (other files, such as benchmark results, do not). Read-only
+    for git (no index lock), once per process for this ``ltc`` (:func:`_this_commit`)."""
     import subprocess
 
-    here = Path(__file__).resolve().parent
+    here = Path(package_dir or Path(__file__).parent).resolve()
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", "--no-optional-locks", *args], cwd=here, capture_output=True, text=True,
+                              timeout=10)
+
     try:
-        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=here, capture_output=True, text=True,
-                             timeout=10)
-        if top.returncode != 0 or not (Path(top.stdout.strip()) / "src" / "ltc").resolve() == here:
+        top = git("rev-parse", "--show-toplevel")
+        if top.returncode != 0 or (Path(top.stdout.strip()) / "src" / "ltc").resolve() != here:
             return None
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD").stdout.strip()
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", str(here.parent)).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return (head + ("+dirty" if dirty else "")) or None
 
 
+_COMMIT: list[str | None] = []
+
+
+def _this_commit() -> str | None:
+    """:func:`source_commit` of this ``ltc``, asked once per process (at its first record), not at every write."""
+    if not _COMMIT:
+        _COMMIT.append(source_commit())
+    return _COMMIT[0]
+
+
 def environment() -> dict[str, Any]:
     """What made a record, for its reader: ``{ltc, commit, torch, python, platform, cpu, cpu_count, date}``;
-    ``commit`` is the source checkout's (``None`` for an installed wheel), ``date`` UTC (``YYYY-MM-DD HH:MM UTC``).
-    The same settings need not repeat a curve bit for bit on another CPU or torch: this says which one it was."""
+    ``commit`` is the source checkout's (:func:`source_commit`; ``None`` for an installed wheel), ``date`` UTC
+    (``YYYY-MM-DD HH:MM UTC``). The same settings need not repeat a curve bit for bit on another CPU or torch: this
+    says which one it was."""
     import datetime as dt
     import platform
 
     from . import __version__
 
-    return {"ltc": __version__, "commit": _source_commit(), "torch": torch.__version__,
+    return {"ltc": __version__, "commit": _this_commit(), "torch": torch.__version__,
             "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_name(),
             "cpu_count": os.cpu_count(), "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
