@@ -127,6 +127,9 @@ ABLATION: list[tuple[str, str, dict[str, Any]]] = [
     # (down to the smallest, damped eigenvalue) is pinned by the last L step and the deployed Θ is what training reached
     # (the default since this row)
     ("ltc+defaults+proximal", "ltc", DEFAULTS),
+    # the proximal step on the gradient step's μ path (``mu_path='stable'``; see ``VARIANTS``, where VGG-16 SR 10
+    # measures the same change): is the headline level with it?
+    ("ltc+defaults+stable-path", "ltc", {**DEFAULTS, "mu_path": "stable"}),
     # steps / lc_weight_decay do nothing for one-shot; pinned to the values this row ran with (adding the field
     # lr_anneal moved every folder hash: finished rows are found by id, a --redo starts a new folder)
     ("oneshot-weight", "oneshot", {"metric": "weight", "min_rank": 1, "kd_weight": 0.0, "steps": 10,
