@@ -268,12 +268,15 @@ def test_quality_paired_line_pairs_by_seed_and_skips_unshared_seeds() -> None:
 
 def test_quality_variants_run_on_three_seeds_after_the_close_pairs_and_differ_from_the_defaults_in_one_setting(
         tmp_path: Path) -> None:
-    """A variant row (``VARIANTS``) runs seeds 0-2 after the close pairs' seeds and before the ablation's other seeds;
-    its resolved settings are the main LTC row's with its overrides, nothing else."""
+    """A variant row (``VARIANTS``) runs seeds 0-2 (0 for one that only explains a choice) after the close pairs'
+    seeds and before the ablation's other seeds; its resolved settings are the main LTC row's with its overrides,
+    nothing else."""
     base = _base(tmp_path)
     rows = quality.protocol_rows()
     var = [r for r in rows if r.group == "variant"]
-    assert [(r.variant, r.seed) for r in var] == [(v[3], s) for v in quality.VARIANTS for s in (0, 1, 2)]
+    assert [(r.variant, r.seed) for r in var] == [(v[3], s) for v in quality.VARIANTS for s in (0, 1, 2)
+                                                  if s == 0 or v[3] not in quality.SEED0_ONLY]
+    assert {r.variant for r in var if r.seed == 2} == {v[3] for v in quality.VARIANTS} - quality.SEED0_ONLY
     first = rows.index(var[0])
     assert rows[first: first + len(var)] == var
     assert all(r.group == "main" and r.seed > 0 for r in rows[first - 4: first])  # the close pairs' seeds
