@@ -130,6 +130,8 @@ ABLATION: list[tuple[str, str, dict[str, Any]]] = [
     # the proximal step on the gradient step's μ path (``mu_path='stable'``; see ``VARIANTS``, where VGG-16 SR 10
     # measures the same change): is the headline level with it?
     ("ltc+defaults+stable-path", "ltc", {**DEFAULTS, "mu_path": "stable"}),
+    # the gradient step while the rate is held, the proximal step where it anneals (``VARIANTS`` has it on VGG-16)
+    ("ltc+defaults+late-proximal", "ltc", {**DEFAULTS, "penalty_step": "late-proximal"}),
     # steps / lc_weight_decay do nothing for one-shot; pinned to the values this row ran with (adding the field
     # lr_anneal moved every folder hash: finished rows are found by id, a --redo starts a new folder)
     ("oneshot-weight", "oneshot", {"metric": "weight", "min_rank": 1, "kd_weight": 0.0, "steps": 10,
@@ -158,6 +160,9 @@ VARIANTS: list[tuple[str, str, float, str, str, dict[str, Any]]] = [
     # the one that pins every direction (μ_final 1055.6): that path is 5x stronger than the gradient one at every C
     # step, and its L steps' loss rose to the end (4.1 against 2.9 on seed 1)
     ("cifar10", "vgg16_cifar", 10.0, "ltc+stable-path", "ltc", {"mu_path": "stable"}),
+    # the gradient step while the L-step rate is held (the first 20 L steps), the proximal step where it anneals (the
+    # last 5), on the gradient's μ path: the gradient step's learning, then every direction pinned?
+    ("cifar10", "vgg16_cifar", 10.0, "ltc+late-proximal", "ltc", {"penalty_step": "late-proximal"}),
 ]
 # Quality at a measured speed-up (issue 14): LTC with the measured-latency cost (target_speedup, eager PyTorch,
 # batch 1, 2 threads, NCHW: channels_last makes this small network slower, latency_channels_last.md) against the

@@ -404,7 +404,7 @@ def uninterrupted(tmp_path_factory):
     """Uninterrupted reference runs (with a checkpoint dir too, as a resumed run has one)."""
     out = {}
     for method, kw in (("ltc", {"target_sr": 2.0}), ("uniform", {}), ("ltc", GRADUAL), ("ltc", FRACTION),
-                       ("ltc", COSINE), ("ltc", PROXIMAL)):
+                       ("ltc", COSINE), ("ltc", PROXIMAL), ("ltc", LATE)):
         train, val = loaders()
         out[run_key(method, kw)] = compress(base_model(), train, val_loader=val, method=method,
                                             checkpoint_dir=tmp_path_factory.mktemp("ref"), **{**RESUME_KW, **kw})
@@ -416,6 +416,7 @@ FRACTION = {"target_sr": 2.0, "epochs_per_step": 0.5, "finetune_epochs": 1}
 COSINE = {"target_sr": 2.0, "steps": 3, "finetune_epochs": 1, "lr_schedule": "cosine",
           "lr_anneal": 1.0}  # the penalty follows the lr
 PROXIMAL = {**COSINE, "penalty_step": "proximal"}
+LATE = {**COSINE, "steps": 4, "lr_anneal": 0.5, "penalty_step": "late-proximal"}  # gradient, gradient, proximal x2
 
 
 def run_key(method: str, kw: dict) -> str:
@@ -432,6 +433,8 @@ def run_key(method: str, kw: dict) -> str:
         ("ltc", FRACTION, 1, "lc", 1),  # between two L steps of half an epoch
         ("ltc", COSINE, 1, "lc", 1),  # the penalty's lr scale travels in the checkpoint
         ("ltc", PROXIMAL, 2, "lc", 2),  # the proximal penalty step
+        ("ltc", LATE, 3, "lc", 3),  # late-proximal, interrupted after it switched to the proximal step
+        ("ltc", LATE, 1, "lc", 1),  # and before
     ],
 )
 def test_resume_inside_a_phase_is_bit_identical(uninterrupted, tmp_path, monkeypatch, method, kw, fail_after,
@@ -480,6 +483,24 @@ def test_the_proximal_penalty_step_runs_after_every_optimizer_step_at_the_effect
     per_pass = len(train)
     assert calls == pytest.approx([0.1] * per_pass + [0.075] * per_pass + [0.025] * per_pass)
     assert [row["train_extra_loss"] for row in res.log if row["phase"] == "lc"] == [0.0, 0.0, 0.0]
+
+
+def test_late_proximal_adds_the_penalty_while_the_rate_is_held_and_steps_proximally_where_it_anneals(monkeypatch):
+    """``penalty_step='late-proximal'`` over 4 L steps with ``lr_anneal=0.5``: the 2 held passes add ``penalty()`` to
+    every batch's loss and take no proximal step; the 2 annealed passes (at 1 and 0.5 of ``lr``) take a proximal step
+    after every batch and add nothing."""
+    events: list[tuple[str, float]] = []
+    real_penalty = LCEngine.penalty
+    monkeypatch.setattr(LCEngine, "proximal_step", lambda self, eta: events.append(("proximal", eta)))
+    monkeypatch.setattr(LCEngine, "penalty", lambda self: (events.append(("gradient", 0.0)), real_penalty(self))[1])
+    train, _ = loaders()
+    res = compress(base_model(), train, method="ltc", metric="data", **{**RESUME_KW, **LATE})
+    per_pass = len(train)
+    assert [e[0] for e in events] == ["gradient"] * 2 * per_pass + ["proximal"] * 2 * per_pass
+    assert [e[1] for e in events[2 * per_pass:]] == pytest.approx([0.1] * per_pass + [0.05] * per_pass)
+    extra = [row["train_extra_loss"] for row in res.log if row["phase"] == "lc"]
+    assert extra[0] > 0 and extra[1] > 0 and extra[2:] == [0.0, 0.0]
+    assert res.config["penalty_step"] == "late-proximal" and res.config["mu_path"] is None
 
 
 def test_proximal_l_steps_end_closer_to_theta_than_gradient_ones():
@@ -584,7 +605,9 @@ def test_resume_from_another_methods_checkpoint_is_refused(tmp_path, monkeypatch
         ({"method": "ltcc"}, "Did you mean 'ltc'"),
         ({"method": "nope"}, "unknown method 'nope'"),
         ({"target_schedule": "slow"}, "target_schedule must be one of 'fixed', 'gradual', got 'slow'"),
-        ({"penalty_step": "prox"}, "penalty_step must be one of 'gradient', 'proximal', got 'prox'"),
+        ({"penalty_step": "prox"}, "penalty_step must be one of 'gradient', 'proximal', 'late-proximal', got 'prox'"),
+        ({"penalty_step": "late-proximal", "lr_schedule": "restart"},
+         "penalty_step='late-proximal' switches to the proximal step where the L-step rate anneals"),
         ({"mu_path": "steep"}, "mu_path must be one of 'pin', 'stable', got 'steep'"),
         ({"mu_path": "stable", "mu_final": 3.0}, "mu_path='stable' shapes the automatic μ path and mu_final sets"),
         ({"mu_path": "pin", "mu_growth": 1.5}, "mu_path='pin' shapes the automatic μ path and mu_growth sets"),

@@ -38,6 +38,7 @@ from .latency_table import RUNTIMES
 from .methods import get_method
 from .settings import (
     BN_DATA,
+    COMPRESS_PENALTY_STEPS,
     LC_LR_SCHEDULES,
     MEMORY_FORMATS,
     MU_PATHS,
@@ -274,6 +275,7 @@ class CompressConfig:
         check_choice("latency_memory_format", self.latency_memory_format, MEMORY_FORMATS)
         check_memory_format(self.latency_memory_format, self.latency_runtime,
                             names=("latency_memory_format", "latency_runtime"))
+        self.penalty_step = check_choice("penalty_step", self.penalty_step, COMPRESS_PENALTY_STEPS)
         EngineSettings(**self._engine_values())  # the engine's own checks: one message per bad value everywhere
         method.check(self.lam, self._target(), self.method_options)
         if method.name == "prune":
@@ -300,6 +302,10 @@ class CompressConfig:
             given = "mu_final" if self.mu_final is not None else "mu_growth"
             raise ValueError(f"mu_path={self.mu_path!r} shapes the automatic μ path and {given} sets the path itself; "
                              f"give one of them")
+        if self.penalty_step == "late-proximal" and self.lr_schedule != "cosine":
+            raise ValueError("penalty_step='late-proximal' switches to the proximal step where the L-step rate anneals "
+                             "(lr_schedule='cosine', the last lr_anneal of the LC epochs); set lr_schedule='cosine' or "
+                             "another penalty_step")
         if self.mu_path == "pin" and self.penalty_step == "gradient":
             raise ValueError("mu_path='pin' needs penalty_step='proximal': the gradient step caps each layer's pull by "
                              "its metric's largest eigenvalue, so a path aimed past that only reaches the cap sooner; "
@@ -330,6 +336,8 @@ class CompressConfig:
     def _engine_values(self) -> dict[str, Any]:
         values = {k: getattr(self, k) for k in _ENGINE_FIELDS if k not in ("mu_growth", "mu_cap")}
         values.update(target_sr=self._target(), cost=self.resolved_cost(), rank_multiple=self.resolved_rank_multiple())
+        if self.penalty_step == "late-proximal":  # the engine starts with the gradient step; compress() switches it
+            values["penalty_step"] = "gradient"
         return values
 
     def _target(self) -> float | None:
@@ -365,6 +373,14 @@ class CompressConfig:
         """``mu_path``, or its default for ``penalty_step``: ``'pin'`` for the proximal step, ``'stable'`` for the
         gradient one."""
         return self.mu_path or ("pin" if self.penalty_step == "proximal" else "stable")
+
+    def proximal_from(self, passes: int) -> int:
+        """The first of ``passes`` LC passes (0-based) whose penalty is applied by its proximal step: 0 for
+        ``'proximal'``, the first annealed pass for ``'late-proximal'`` (:func:`anneal_passes`), ``passes`` (none)
+        for ``'gradient'``."""
+        if self.penalty_step == "late-proximal":
+            return passes - anneal_passes(passes, self.lr_anneal)
+        return 0 if self.penalty_step == "proximal" else passes
 
     def engine_kwargs(self) -> dict[str, Any]:
         """The settings the method's ``build`` takes (the engine's and the method's own options)."""
@@ -661,6 +677,8 @@ def compress(
 
     def restore(state: dict[str, Any]) -> None:
         try:
+            if cfg.penalty_step == "late-proximal":  # the step the interrupted run had reached
+                comp.set_penalty_step(state["compression"].get("penalty_step", "gradient"))
             comp.load_state_dict(state["compression"])
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"checkpoint {ckpt_path}: {exc}") from None
@@ -669,6 +687,8 @@ def compress(
     # ---------------------------------------------------------------- LC steps (learning methods only)
     lc_done = 0
     if plan.lc_steps and stage != "finetune":
+        if cfg.penalty_step == "late-proximal" and ckpt is None:
+            comp.set_penalty_step(_step_of_pass(cfg, plan, 0))
         lc_loader = train_loader if plan.fraction is None else FirstBatches(train_loader, plan.fraction)
         lc_opt = _lc_optimizer(work, comp, cfg)
         lc_hist = fit(work, lc_loader, val_loader, epochs=plan.lc_fit_epochs, stage="lc", resume=ckpt is not None,
@@ -748,6 +768,8 @@ def _c_step_hook(comp: Any, cfg: CompressConfig, plan: EpochPlan, optimizer: tor
         lr = current_lr(optimizer)
         if epoch < plan.lc_fit_epochs and lr > 0:  # after the last pass a cosine schedule has reached 0
             comp.set_lr_scale(lr / cfg.lr)
+        if cfg.penalty_step == "late-proximal":  # the step of the next pass
+            comp.set_penalty_step(_step_of_pass(cfg, plan, epoch))
         return out
 
     def _c_step(epoch: int, row: dict[str, Any]) -> dict[str, Any] | None:
@@ -769,6 +791,11 @@ def _c_step_hook(comp: Any, cfg: CompressConfig, plan: EpochPlan, optimizer: tor
     return hook
 
 
+def _step_of_pass(cfg: CompressConfig, plan: EpochPlan, index: int) -> str:
+    """How LC pass ``index`` (0-based) applies the penalty."""
+    return "proximal" if index >= cfg.proximal_from(plan.lc_fit_epochs) else "gradient"
+
+
 def _lc_optimizer(model: nn.Module, comp: Any, cfg: CompressConfig) -> torch.optim.Optimizer:
     """The L steps' optimizer: the compressed layers' weights get ``lc_weight_decay``, the rest ``weight_decay``."""
     held = {id(p) for p in comp.decayed_parameters()}
@@ -783,7 +810,15 @@ def _penalty_hooks(comp: Any, cfg: CompressConfig, optimizer: torch.optim.Optimi
     optimizer's effective step at its current rate)."""
     if cfg.penalty_step == "gradient":
         return {"extra_loss": comp.penalty}
-    return {"after_step": lambda: comp.proximal_step(cfg.lr_eff(current_lr(optimizer)))}
+
+    def proximal() -> None:
+        comp.proximal_step(cfg.lr_eff(current_lr(optimizer)))
+
+    if cfg.penalty_step == "proximal":
+        return {"after_step": proximal}
+    # 'late-proximal': whichever step the engine is set to for this pass (_c_step_hook switches it)
+    return {"extra_loss": lambda: comp.penalty() if comp.penalty_step == "gradient" else 0.0,
+            "after_step": lambda: proximal() if comp.penalty_step == "proximal" else None}
 
 
 def anneal_passes(passes: int, share: float) -> int:

@@ -31,13 +31,13 @@ from .api import CompressConfig
 from .cost import format_count, profile
 from .methods import list_methods
 from .settings import (
+    COMPRESS_PENALTY_STEPS,
     COSTS,
     LC_LR_SCHEDULES,
     MEMORY_FORMATS,
     METRICS,
     MU_PATHS,
     OPTIMIZERS,
-    PENALTY_STEPS,
     SCHEDULES,
     TARGET_SCHEDULES,
     WEIGHTINGS,
@@ -204,9 +204,10 @@ def _compress_opts(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     f("--mu0", key="compress.mu0", type=float, help="first penalty weight μ0 (default 1e-3)")
     f("--mu-growth", key="compress.mu_growth", type=float,
       help="μ grows by this factor per step (default: automatic, so that the last L step closes W − Θ)")
-    f("--penalty-step", key="compress.penalty_step", choices=PENALTY_STEPS,
+    f("--penalty-step", key="compress.penalty_step", choices=COMPRESS_PENALTY_STEPS,
       help=f"apply the LC penalty in L steps as a gradient in the loss, or as its exact step after each optimizer "
-           f"step (proximal: stable at any penalty weight, so every direction of W − Θ can be pinned) "
+           f"step (proximal: stable at any penalty weight, so every direction of W − Θ can be pinned), or the "
+           f"gradient while the L-step rate is held and the exact step where it anneals (late-proximal) "
            f"(default {CompressConfig.default('penalty_step')})")
     f("--mu-path", key="compress.mu_path", choices=MU_PATHS,
       help="where the automatic μ path ends: 'pin', where every direction of W − Θ reaches the cap (the proximal "

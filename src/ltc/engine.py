@@ -537,6 +537,12 @@ class LCEngine:
         check_number("scale", scale, gt=0, what="(the learning rate's fraction of its initial value)")
         self.lr_scale = float(scale)
 
+    def set_penalty_step(self, step: str) -> None:
+        """Switch how the L steps from now on apply the penalty (``'gradient'`` or ``'proximal'``), and with it the
+        cap on each ρ_k (see ``penalty_step``); :func:`ltc.compress` switches to the proximal step for the annealed
+        L steps with ``penalty_step='late-proximal'``. Recorded in :meth:`state_dict`."""
+        self.penalty_step = check_choice("penalty_step", step, PENALTY_STEPS)
+
     @property
     def converged(self) -> bool:
         """True when ``‖W − Θ‖/‖W‖ < tol`` and the last C step changed no rank: the L step can be skipped."""

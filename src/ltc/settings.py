@@ -41,6 +41,9 @@ METRICS = ("weight", "data")
 PENALTY_STEPS = ("gradient", "proximal")
 """How an L step applies the LC penalty: as a gradient added to the loss, or as its exact (proximal) step after each
 optimizer step (:meth:`~ltc.engine.LCEngine.proximal_step`)."""
+COMPRESS_PENALTY_STEPS = (*PENALTY_STEPS, "late-proximal")
+""":func:`ltc.compress` also has ``'late-proximal'``: the gradient while the L-step rate is held, the proximal step in
+the L steps it anneals over."""
 MU_PATHS = ("pin", "stable")
 """Where the automatic μ path ends: where every direction of the least-pulled layer reaches the cap (the proximal
 step's), or where the layer does as weighted (the gradient step's) (:mod:`ltc.api`)."""
