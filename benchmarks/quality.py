@@ -472,8 +472,8 @@ def markdown(doc: dict[str, Any]) -> str:
             lines += ["", paired_line(by, "ltc")]
         defaults = groups.get((dataset, model, target, "main"), [])
         if group == "variant" and any(r["method"] == "ltc" for r in defaults):
-            lines += ["", paired_line({**by, "ltc": [r for r in defaults if r["method"] == "ltc"]}, "ltc")
-                      .replace("each method", "each variant") + " Its own rows: the setting's Methods table."]
+            lines += ["", paired_line({**by, "ltc": [r for r in defaults if r["method"] == "ltc"]}, "ltc", "variant")
+                      + " Its own rows: the setting's Methods table."]
     refused = doc.get("refused") or []
     if refused:
         lines += ["", "## Rows the method cannot run (refused before training)", "",
@@ -490,8 +490,9 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def paired_line(by: dict[str, list[dict[str, Any]]], ref: str) -> str:
-    """``ref``'s accuracy minus every other method's, paired by seed (points, mean ± sd over the shared seeds)."""
+def paired_line(by: dict[str, list[dict[str, Any]]], ref: str, what: str = "method") -> str:
+    """``ref``'s accuracy minus every other ``what``'s (a method, or a variant of ``ref``), paired by seed (points,
+    mean ± sd over the shared seeds)."""
     mine = {r["seed"]: r["acc"] for r in by[ref]}
     parts = []
     for k, rs in by.items():
@@ -502,7 +503,7 @@ def paired_line(by: dict[str, list[dict[str, Any]]], ref: str) -> str:
         if mean is not None:
             parts.append(f"{DISPLAY.get(k, k)} {100 * mean:+.2f}" + (f" ± {100 * sd:.2f}" if sd is not None else "")
                          + f" ({len(diffs)} seed{'s' * (len(diffs) != 1)})")
-    return (f"{DISPLAY.get(ref, ref)} minus each method, paired by seed (points): " + "; ".join(parts) + "."
+    return (f"{DISPLAY.get(ref, ref)} minus each {what}, paired by seed (points): " + "; ".join(parts) + "."
             if parts else "")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import random
 import tempfile
@@ -367,14 +368,10 @@ def source_commit(package_dir: str | os.PathLike[str] | None = None) -> str | No
     return (head + ("+dirty" if dirty else "")) or None
 
 
-_COMMIT: list[str | None] = []
-
-
+@functools.cache
 def _this_commit() -> str | None:
     """:func:`source_commit` of this ``ltc``, asked once per process (at its first record), not at every write."""
-    if not _COMMIT:
-        _COMMIT.append(source_commit())
-    return _COMMIT[0]
+    return source_commit()
 
 
 def environment() -> dict[str, Any]:
